@@ -1,0 +1,162 @@
+"""Typed calls of the LMCache MP server, one method per operation we use.
+
+Blocking methods wait at most their timeout; ``*_async`` methods return a ``Future`` and
+never block, for the scheduler step. Control calls default to a short timeout (seconds);
+transfers get their own, longer one.
+"""
+
+from __future__ import annotations
+
+import uuid
+from concurrent.futures import Future
+
+from kvconn_plugin.client.protocol import (
+    BlockAllocationRecord,
+    CacheKey,
+    Op,
+    PrepareRetrieveReply,
+    PrepareStoreReply,
+    RegisterEngineDrivenPayload,
+    RegisterEngineDrivenReply,
+)
+from kvconn_plugin.client.transport import MQTransport, wait
+from kvconn_plugin.errors import KVConnProtocolError
+
+DEFAULT_CONTROL_TIMEOUT = 5.0
+DEFAULT_TRANSFER_TIMEOUT = 30.0
+
+
+def new_instance_id() -> int:
+    """A random 63-bit worker instance id, as LMCache expects (never the PID)."""
+    return uuid.uuid4().int & (2**63 - 1)
+
+
+class LMCacheClient:
+    """Client of one LMCache MP server.
+
+    Args:
+        url: server address, e.g. ``tcp://localhost:5555``.
+        control_timeout: deadline for control calls (ping, lookup ack, register...).
+        transfer_timeout: deadline for prepare/commit of stores and retrieves.
+        transport: injected transport (tests); built from ``url`` otherwise.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        control_timeout: float = DEFAULT_CONTROL_TIMEOUT,
+        transfer_timeout: float = DEFAULT_TRANSFER_TIMEOUT,
+        transport: MQTransport | None = None,
+    ):
+        self.transport = transport or MQTransport(url, timeout=control_timeout)
+        self.url = self.transport.url
+        self.control_timeout = control_timeout
+        self.transfer_timeout = transfer_timeout
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def __enter__(self) -> LMCacheClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, op: Op, *args: object, timeout: float | None = None) -> object:
+        return self.transport.call(op, *args, timeout=timeout or self.control_timeout)
+
+    # ------------------------------------------------------------------ management
+
+    def get_chunk_size(self, timeout: float | None = None) -> int:
+        return int(self._call(Op.GET_CHUNK_SIZE, timeout=timeout))  # type: ignore[arg-type]
+
+    def get_experimental(self, timeout: float | None = None) -> list[str]:
+        return list(self._call(Op.GET_EXPERIMENTAL, timeout=timeout))  # type: ignore[call-overload]
+
+    def ping(self, instance_id: int | None = None, timeout: float | None = None) -> bool:
+        ok = self._call(Op.PING, instance_id, timeout=timeout)
+        if ok is not True:
+            raise KVConnProtocolError(f"ping returned {ok!r}")
+        return True
+
+    def ping_async(self, instance_id: int | None = None, timeout: float | None = None) -> Future:
+        return self.transport.submit(Op.PING, instance_id, timeout=timeout or self.control_timeout)
+
+    def clear(self, force: bool = False) -> None:
+        self._call(Op.CLEAR, force)
+
+    # ------------------------------------------------------------------ scheduler side
+
+    def lookup_async(self, key: CacheKey, tp_size: int = 1) -> Future:
+        """Send LOOKUP; the future resolves (to ``None``) when the server acknowledged it."""
+        return self.transport.submit(Op.LOOKUP, key, tp_size, timeout=self.control_timeout)
+
+    def query_prefetch_status_async(self, request_id: str) -> Future:
+        """Future of the hit count in chunks, or ``None`` while the server still prefetches.
+
+        The server reports a result exactly once; a second query answers 0.
+        """
+        return self.transport.submit(
+            Op.QUERY_PREFETCH_STATUS, request_id, timeout=self.control_timeout
+        )
+
+    def free_lookup_locks_async(self, key: CacheKey, tp_size: int = 1) -> Future:
+        return self.transport.submit(Op.FREE_LOOKUP_LOCKS, key, tp_size, timeout=self.control_timeout)
+
+    def end_session_async(self, request_id: str) -> Future:
+        return self.transport.submit(Op.END_SESSION, request_id, timeout=self.control_timeout)
+
+    def report_block_allocation_async(
+        self, instance_id: int, model_name: str, records: list[BlockAllocationRecord]
+    ) -> Future:
+        return self.transport.submit(
+            Op.REPORT_BLOCK_ALLOCATION, instance_id, model_name, records, timeout=self.control_timeout
+        )
+
+    def lookup(self, key: CacheKey, poll_interval: float = 0.001, timeout: float | None = None) -> int:
+        """Blocking LOOKUP + QUERY until a result arrives; returns hit chunks (tools/tests)."""
+        import time
+
+        budget = timeout or self.control_timeout
+        deadline = time.monotonic() + budget
+        wait(self.lookup_async(key), Op.LOOKUP, budget)
+        while True:
+            hit = wait(
+                self.query_prefetch_status_async(key.request_id), Op.QUERY_PREFETCH_STATUS, budget
+            )
+            if hit is not None:
+                return int(hit)
+            if time.monotonic() > deadline:
+                from kvconn_plugin.errors import KVConnTimeout
+
+                raise KVConnTimeout(f"lookup of {key.request_id} still prefetching after {budget}s")
+            time.sleep(poll_interval)
+
+    def free_lookup_locks(self, key: CacheKey, tp_size: int = 1) -> None:
+        wait(self.free_lookup_locks_async(key, tp_size), Op.FREE_LOOKUP_LOCKS, self.control_timeout)
+
+    def end_session(self, request_id: str) -> None:
+        wait(self.end_session_async(request_id), Op.END_SESSION, self.control_timeout)
+
+    # ------------------------------------------------------------------ worker side
+
+    def register_engine_driven(
+        self, payload: RegisterEngineDrivenPayload, timeout: float | None = None
+    ) -> RegisterEngineDrivenReply:
+        return self._call(Op.REGISTER_ENGINE_DRIVEN, payload, timeout=timeout)  # type: ignore[return-value]
+
+    def unregister_engine_driven(self, instance_id: int, timeout: float | None = None) -> None:
+        self._call(Op.UNREGISTER_ENGINE_DRIVEN, instance_id, timeout=timeout)
+
+    def prepare_store(self, key: CacheKey, instance_id: int) -> PrepareStoreReply:
+        return self._call(Op.PREPARE_STORE, key, instance_id, timeout=self.transfer_timeout)  # type: ignore[return-value]
+
+    def commit_store(self, key: CacheKey, instance_id: int, data: bytes = b"") -> bool:
+        return bool(self._call(Op.COMMIT_STORE, key, instance_id, data, timeout=self.transfer_timeout))
+
+    def prepare_retrieve(self, key: CacheKey, instance_id: int) -> PrepareRetrieveReply:
+        return self._call(Op.PREPARE_RETRIEVE, key, instance_id, timeout=self.transfer_timeout)  # type: ignore[return-value]
+
+    def commit_retrieve(self, key: CacheKey, instance_id: int) -> bool:
+        return bool(self._call(Op.COMMIT_RETRIEVE, key, instance_id, timeout=self.transfer_timeout))

@@ -1,0 +1,329 @@
+"""One ZeroMQ DEALER connection to an LMCache server, driven by a private I/O thread.
+
+Why a thread: the scheduler must never block on the network, and ZeroMQ sockets may not be
+used from two threads at once. Callers enqueue requests and get a ``Future``; the I/O thread
+owns the socket, sends, matches replies by uid (the server answers out of order) and
+expires deadlines so that an unanswered request never leaks.
+
+Sends use ``ZMQ_IMMEDIATE``: while no connection is up, a request is held locally until its
+deadline instead of being queued inside libzmq and delivered to whatever server comes up
+later (a restarted server has no registrations and a new SHM pool).
+"""
+
+from __future__ import annotations
+
+import collections
+import heapq
+import itertools
+import logging
+import os
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+import zmq.utils.monitor
+
+from kvconn_plugin.client.protocol import Op, decode_reply, encode_request
+from kvconn_plugin.errors import (
+    KVConnClosed,
+    KVConnError,
+    KVConnProtocolError,
+    KVConnTimeout,
+    KVConnUnavailable,
+)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_PENDING = 65536
+
+
+@dataclass(eq=False)
+class _Pending:
+    uid_frame: bytes
+    op: Op
+    frames: list[bytes]
+    deadline: float
+    future: Future = field(default_factory=Future)
+    sent: bool = False
+
+
+class MQTransport:
+    """Thread-safe request/reply client over one DEALER socket.
+
+    Args:
+        url: ``tcp://host:port`` (a bare ``host:port`` means TCP) or ``ipc://path``.
+        timeout: default per-call deadline in seconds.
+        max_pending: bound on requests in flight; beyond it submissions fail fast.
+    """
+
+    def __init__(self, url: str, *, timeout: float = 5.0, max_pending: int = DEFAULT_MAX_PENDING):
+        self.url = normalize_url(url)
+        self.timeout = float(timeout)
+        self._max_pending = max_pending
+        self._uids = itertools.count()
+        self._lock = threading.Lock()
+        self._outbox: collections.deque[_Pending] = collections.deque()
+        self._pending: dict[bytes, _Pending] = {}
+        self._deadlines: list[tuple[float, int, _Pending]] = []
+        self._closed = False
+        self._connected = threading.Event()
+        self._ever_connected = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._ctx = zmq.Context(io_threads=1)
+        self._sock = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.IMMEDIATE, 1)
+        self._sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        self._sock.setsockopt(zmq.CONNECT_TIMEOUT, 2000)
+        self._monitor = self._sock.get_monitor_socket(
+            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+        )
+        self._sock.connect(self.url)
+        self._thread = threading.Thread(target=self._run, name="kvconn-mq-io", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ caller side
+
+    @property
+    def connected(self) -> bool:
+        """Whether a TCP/IPC connection to the server is up right now (not liveness)."""
+        return self._connected.is_set()
+
+    def submit(self, op: Op, *args: Any, timeout: float | None = None) -> Future:
+        """Queue one request; the future resolves to the decoded reply or a typed error."""
+        frames_args = args
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        with self._lock:
+            if self._closed:
+                raise KVConnClosed(f"client for {self.url} is closed")
+            if len(self._pending) >= self._max_pending:
+                raise KVConnUnavailable(
+                    f"{len(self._pending)} requests already pending on {self.url}"
+                )
+            uid = next(self._uids)
+            frames = encode_request(uid, op, frames_args)
+            pend = _Pending(frames[0], op, frames, deadline)
+            self._pending[pend.uid_frame] = pend
+            self._outbox.append(pend)
+            heapq.heappush(self._deadlines, (deadline, uid, pend))
+            # Under the lock: close() closes the pipe under it too, so this can never
+            # write into a recycled file descriptor.
+            self._wake()
+        return pend.future
+
+    def call(self, op: Op, *args: Any, timeout: float | None = None) -> Any:
+        """Submit and wait; raises ``KVConnTimeout``/``KVConnUnavailable``/``KVConnProtocolError``."""
+        fut = self.submit(op, *args, timeout=timeout)
+        return wait(fut, op, self.timeout if timeout is None else timeout)
+
+    def close(self) -> None:
+        """Fail whatever is pending, close the socket (linger 0) and join the I/O thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._wake()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=5)
+
+    def __enter__(self) -> MQTransport:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\x01")
+        except (BlockingIOError, OSError):
+            pass  # pipe full means a wake-up is already pending; closed means shutting down
+
+    # ------------------------------------------------------------------ I/O thread
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        try:
+            while not self._closed:
+                events = dict(poller.poll(self._poll_timeout_ms()))
+                if self._wake_r in events:
+                    self._drain_wake()
+                if self._monitor in events:
+                    self._drain_monitor()
+                if self._sock in events:
+                    self._drain_replies()
+                self._flush_outbox()
+                self._expire(time.monotonic())
+        except Exception:  # noqa: BLE001 - the I/O thread must never die silently
+            logger.exception("kvconn I/O thread for %s failed", self.url)
+        finally:
+            self._shutdown_io()
+
+    def _poll_timeout_ms(self) -> int:
+        with self._lock:
+            waiting = bool(self._outbox)
+            next_deadline = self._deadlines[0][0] if self._deadlines else None
+        if waiting:
+            return 5  # retry sends held back by ZMQ_IMMEDIATE while no connection is up
+        if next_deadline is None:
+            return 1000
+        return max(1, min(1000, int((next_deadline - time.monotonic()) * 1000) + 1))
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _drain_monitor(self) -> None:
+        while True:
+            try:
+                msg = zmq.utils.monitor.recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if msg["event"] == zmq.EVENT_CONNECTED:
+                self._ever_connected = True
+                self._connected.set()
+            elif msg["event"] == zmq.EVENT_DISCONNECTED:
+                self._connected.clear()
+
+    def _flush_outbox(self) -> None:
+        while True:
+            with self._lock:
+                if not self._outbox:
+                    return
+                p = self._outbox[0]
+            if not p.future.done():
+                try:
+                    self._sock.send_multipart(p.frames, flags=zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    return  # no connection yet (ZMQ_IMMEDIATE): retry on the next round
+                p.sent = True
+            with self._lock:
+                self._outbox.popleft()
+
+    def _drain_replies(self) -> None:
+        while True:
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._dispatch(frames)
+
+    def _dispatch(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            # Without an op frame this is not a reply at all; nothing to match it to.
+            logger.debug("dropping reply with %d frames from %s", len(frames), self.url)
+            return
+        with self._lock:
+            pend = self._pending.pop(frames[0], None)
+        if pend is None:
+            logger.debug("dropping reply with unknown uid from %s", self.url)
+            return
+        if pend.future.done():
+            return
+        if frames[1] != pend.frames[1]:
+            _fail(pend.future, KVConnProtocolError(f"{pend.op.name}: reply echoes another op"))
+            return
+        if len(frames) > 3:
+            # The uid matched, so fail this call now instead of letting it time out.
+            _fail(pend.future, KVConnProtocolError(
+                f"{pend.op.name}: reply has {len(frames)} frames, expected 2 or 3"))
+            return
+        try:
+            result = decode_reply(pend.op, frames[2] if len(frames) == 3 else None)
+        except KVConnProtocolError as exc:
+            _fail(pend.future, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - one bad reply must not kill the I/O thread
+            _fail(pend.future, KVConnProtocolError(f"{pend.op.name}: undecodable reply: {exc!r}"))
+            return
+        _resolve(pend.future, result)
+
+    def _expire(self, now: float) -> None:
+        expired: list[_Pending] = []
+        with self._lock:
+            while self._deadlines and self._deadlines[0][0] <= now:
+                _, _, p = heapq.heappop(self._deadlines)
+                if self._pending.get(p.uid_frame) is p:
+                    del self._pending[p.uid_frame]
+                    expired.append(p)
+            if expired and self._outbox:
+                self._outbox = collections.deque(q for q in self._outbox if not q.future.done()
+                                                 and q.uid_frame in self._pending)
+        for p in expired:
+            _fail(p.future, self._timeout_error(p))
+
+    def _timeout_error(self, p: _Pending) -> KVConnError:
+        if not p.sent or not self._connected.is_set():
+            return KVConnUnavailable(f"no LMCache server reachable at {self.url} ({p.op.name})")
+        return KVConnTimeout(f"{p.op.name} to {self.url} got no reply in time")
+
+    def _shutdown_io(self) -> None:
+        with self._lock:
+            self._closed = True
+            leftovers = list(self._pending.values())
+            self._pending.clear()
+            self._outbox.clear()
+            self._deadlines.clear()
+        for p in leftovers:
+            _fail(p.future, KVConnClosed(f"client for {self.url} closed"))
+        try:
+            self._sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        self._monitor.close(linger=0)
+        self._sock.close(linger=0)
+        self._ctx.term()
+        # The wake pipe is closed here, by its only reader, and under the lock that
+        # submit() holds while writing to it, so no write can hit a recycled descriptor.
+        with self._lock:
+            fds = (self._wake_r, self._wake_w)
+            self._wake_r = self._wake_w = -1
+        for fd in fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def wait(fut: Future, op: Op, timeout: float) -> Any:
+    """Wait for a future from :meth:`MQTransport.submit`, mapping a local wait timeout too."""
+    try:
+        # The I/O thread fails the future at its deadline; the extra margin only guards
+        # against a stalled I/O thread.
+        return fut.result(timeout=timeout + 1.0)
+    except TimeoutError as exc:  # concurrent.futures.TimeoutError is TimeoutError on 3.11+
+        if isinstance(exc, KVConnError):
+            raise
+        raise KVConnTimeout(f"{op.name}: no reply within {timeout:.1f}s") from None
+
+
+def _resolve(fut: Future, value: Any) -> None:
+    if fut.set_running_or_notify_cancel():
+        fut.set_result(value)
+
+
+def _fail(fut: Future, exc: BaseException) -> None:
+    if fut.set_running_or_notify_cancel():
+        fut.set_exception(exc)
+
+
+def normalize_url(url: str) -> str:
+    """Accept ``tcp://h:p``, ``ipc://path`` or a bare ``h:p`` (TCP), as LMCache does."""
+    url = url.strip()
+    if "://" not in url:
+        url = "tcp://" + url
+    scheme = url.split("://", 1)[0]
+    if scheme not in ("tcp", "ipc", "inproc"):
+        raise ValueError(f"unsupported server URL scheme {scheme!r} in {url!r} (tcp, ipc)")
+    return url

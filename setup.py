@@ -1,0 +1,4 @@
+"""Build script: only decides which native libraries to compile (see csrc/)."""
+from setuptools import setup
+
+setup()
