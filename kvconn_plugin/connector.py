@@ -1,0 +1,199 @@
+"""``KVConnPluginConnector``: vLLM's entry into kvconn_plugin.
+
+A thin facade: it builds one role adapter (scheduler side in EngineCore, worker side in each
+worker process) and forwards every hook to it. All logic lives in
+``kvconn_plugin.scheduler`` and ``kvconn_plugin.worker``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from kvconn_plugin.config import parse_config
+from kvconn_plugin.errors import KVConnConfigError
+from kvconn_plugin.metadata import KVConnMetadata
+from kvconn_plugin.parallel import kv_ranks
+from kvconn_plugin.scheduler.adapter import SchedulerAdapter
+from kvconn_plugin.stats import KVConnStats
+from kvconn_plugin.worker.adapter import WorkerAdapter
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.v1.core.sched.output import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+
+
+class KVConnPluginConnector(KVConnectorBase_V1):
+    """Offloads KV cache to, and reuses it from, an external LMCache MP server.
+
+    Args:
+        vllm_config: the engine config; ``kv_transfer_config.kv_connector_extra_config``
+            carries the ``lmcache.mp.*`` and ``kvconn.*`` keys.
+        role: SCHEDULER (EngineCore process) or WORKER (each worker process).
+        kv_cache_config: vLLM's KV cache config (optional for older positional callers).
+    """
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: Any = None):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        kvt = vllm_config.kv_transfer_config
+        config = parse_config(
+            kvt.kv_connector_extra_config,
+            offloading_size_gb=getattr(vllm_config.cache_config, "kv_offloading_size", None),
+        )
+        if len(config.server_urls) > 1:
+            raise KVConnConfigError(
+                "lmcache.mp.server_urls: the builtin connector serves one server per engine; "
+                "list one URL, or use kvconn.impl=lmcache for several"
+            )
+        model = vllm_config.model_config
+        pc = vllm_config.parallel_config
+        mla = bool(getattr(model, "use_mla", False))
+        model_name = config.model_name or str(model.model)
+        block_size = int(vllm_config.cache_config.block_size)
+        self._scheduler: SchedulerAdapter | None = None
+        self._worker: WorkerAdapter | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            if config.load_failure_policy == "recompute":
+                # A failed load must mean "recompute", not a failed request. vLLM reads
+                # this right after building the scheduler connector.
+                kvt.kv_load_failure_policy = "recompute"
+            ranks = kv_ranks(mla=mla, world_size=pc.world_size, rank=0,
+                             tp_size=pc.tensor_parallel_size)
+            self._scheduler = SchedulerAdapter(config, model_name=model_name, ranks=ranks,
+                                               block_size=block_size)
+        else:
+            ranks = kv_ranks(mla=mla, world_size=pc.world_size, rank=_global_rank(pc),
+                             tp_size=pc.tensor_parallel_size)
+            self._worker = WorkerAdapter(
+                config, model_name=model_name, ranks=ranks, block_size=block_size,
+                use_mla=mla, head_size=int(model.get_head_size()), kv_split=_kv_split(mla),
+            )
+
+    # ------------------------------------------------------------------ role access
+
+    def _sched(self) -> SchedulerAdapter:
+        if self._scheduler is None:
+            raise RuntimeError("scheduler-side hook called on a worker-side connector")
+        return self._scheduler
+
+    def _work(self) -> WorkerAdapter:
+        if self._worker is None:
+            raise RuntimeError("worker-side hook called on a scheduler-side connector")
+        return self._worker
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a best-effort cache: preemption never needs our hand-off
+
+    # ------------------------------------------------------------------ worker side
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._work().register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        meta = self._bound_meta()
+        if meta is not None:
+            self._work().start_load_kv(meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None  # loads complete before vLLM schedules the request (async loads)
+
+    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
+        return None  # whole chunks are saved after the forward, in wait_for_save
+
+    def wait_for_save(self) -> None:
+        meta = self._bound_meta()
+        if meta is not None:
+            self._work().wait_for_save(meta)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return self._work().get_finished(finished_req_ids)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._work().get_block_ids_with_load_errors()
+
+    def _bound_meta(self) -> KVConnMetadata | None:
+        if not self.has_connector_metadata():
+            return None
+        meta = self._get_connector_metadata()
+        return meta if isinstance(meta, KVConnMetadata) else None
+
+    # ------------------------------------------------------------------ scheduler side
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        return self._sched().get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        self._sched().update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        return self._sched().build_connector_meta(scheduler_output)
+
+    def on_new_request(self, request: Any) -> None:
+        self._sched().on_new_request(request)
+
+    def bind_kv_cache_manager(self, kv_cache_manager: Any) -> None:
+        self._sched().bind_kv_cache_manager(kv_cache_manager)
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        self._sched().update_connector_output(connector_output)
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        return self._sched().request_finished(request, block_ids)
+
+    # ------------------------------------------------------------------ both / class level
+
+    def get_kv_connector_stats(self) -> KVConnStats | None:
+        adapter = self._scheduler or self._worker
+        return adapter.get_stats() if adapter is not None else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnStats | None:
+        return KVConnStats(data=dict(data)) if data is not None else KVConnStats()
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: Any) -> str | None:
+        return None  # the transfer reads strides, so any block-contiguous layout works
+
+    def shutdown(self) -> None:
+        for adapter in (self._scheduler, self._worker):
+            if adapter is not None:
+                adapter.shutdown()
+
+
+def _kv_split(mla: bool) -> str:
+    if mla:
+        return "mla"
+    from vllm.platforms import current_platform
+
+    # vLLM's CPU attention keeps a K plane then a V plane per (block, head); GPU backends
+    # pack K|V per token.
+    return "planes" if current_platform.is_cpu() else "packed"
+
+
+def _global_rank(pc: Any) -> int:
+    try:
+        from vllm.distributed.parallel_state import get_pp_group, get_tp_group
+
+        return get_pp_group().rank_in_group * pc.tensor_parallel_size + get_tp_group().rank_in_group
+    except Exception:  # noqa: BLE001 - single-process setups have no groups
+        return int(getattr(pc, "rank", 0) or 0)
+
+
+def __getattr__(name: str) -> Any:
+    # ``kv_connector_module_path="kvconn_plugin.connector"`` with the name vLLM's
+    # --kv-offloading-backend lmcache picks: resolve like the registry route does.
+    if name == "LMCacheMPConnector":
+        from kvconn_plugin.resolver import resolve_connector_class
+
+        return resolve_connector_class()[0]
+    raise AttributeError(name)

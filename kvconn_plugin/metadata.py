@@ -1,0 +1,35 @@
+"""What the scheduler tells the workers each step (pickled by vLLM across processes)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+
+
+@dataclass(frozen=True, slots=True)
+class TransferSpec:
+    """One store or retrieve of whole LMCache chunks ``[start, end)`` of a request.
+
+    ``token_ids`` holds the request's tokens up to ``end`` (the server hashes the full
+    prefix). ``block_ids`` are the vLLM blocks covering ``[start, end)`` in order.
+    ``skip_blocks`` (retrieves only) leading blocks are vLLM's own prefix-cache hit and
+    must not be written: other requests may be reading them.
+    """
+
+    request_id: str
+    token_ids: tuple[int, ...]
+    start: int
+    end: int
+    block_ids: tuple[int, ...]
+    cache_salt: str = ""
+    skip_blocks: int = 0
+
+
+@dataclass
+class KVConnMetadata(KVConnectorMetadata):
+    loads: list[TransferSpec] = field(default_factory=list)
+    stores: list[TransferSpec] = field(default_factory=list)
+    # Requests the scheduler finished while their load was still in flight: the worker
+    # reports them as finished_sending once the load thread is done with their blocks.
+    held_for_load: set[str] = field(default_factory=set)

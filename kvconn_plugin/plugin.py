@@ -1,0 +1,72 @@
+"""``vllm.general_plugins`` entry point.
+
+vLLM calls :func:`register` in every process (front end, EngineCore, workers), sometimes
+twice, before any connector class is resolved. It must be idempotent, cheap (no lmcache,
+no CUDA) and must never raise into vLLM.
+
+What it does:
+* registers ``KVConnPluginConnector`` with vLLM's connector factory;
+* routes the names we serve (ours, and vLLM's ``LMCacheMPConnector`` that
+  ``--kv-offloading-backend lmcache`` selects) through our resolver, which sees the
+  request's ``kv_connector_extra_config``. ``KVCONN_ROUTE_LMCACHE_MP=0`` leaves
+  ``LMCacheMPConnector`` to vLLM.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from kvconn_plugin import CONNECTOR_NAME
+
+logger = logging.getLogger(__name__)
+
+LMCACHE_MP_NAME = "LMCacheMPConnector"
+_ROUTED_ATTR = "_kvconn_routed"
+
+
+def route_lmcache_mp() -> bool:
+    return os.environ.get("KVCONN_ROUTE_LMCACHE_MP", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def register() -> None:
+    try:
+        _register()
+    except Exception:  # noqa: BLE001 - a plugin must never take vLLM down
+        logger.exception("kvconn: plugin registration failed; the connector is unavailable")
+
+
+def _register() -> None:
+    try:
+        from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+    except ImportError:
+        logger.debug("kvconn: vLLM not importable; nothing to register")
+        return
+    try:
+        KVConnectorFactory.register_connector(CONNECTOR_NAME, "kvconn_plugin.resolved", CONNECTOR_NAME)
+    except ValueError:
+        pass  # already registered in this process
+    _wrap_get_connector_class(KVConnectorFactory)
+
+
+def _wrap_get_connector_class(factory: type) -> None:
+    """Resolve our names with the request's extra config in hand (the registry's zero-arg
+    loaders cannot see it). Wrapped once per process."""
+    current = factory.__dict__["get_connector_class"]
+    if getattr(current.__func__, _ROUTED_ATTR, False):
+        return
+    original = current.__func__
+
+    def get_connector_class(cls, kv_transfer_config):
+        name = getattr(kv_transfer_config, "kv_connector", None)
+        if not getattr(kv_transfer_config, "kv_connector_module_path", None) and (
+            name == CONNECTOR_NAME or (name == LMCACHE_MP_NAME and route_lmcache_mp())
+        ):
+            from kvconn_plugin.resolver import resolve_connector_class
+
+            extra = getattr(kv_transfer_config, "kv_connector_extra_config", None) or {}
+            return resolve_connector_class(extra)[0]
+        return original(cls, kv_transfer_config)
+
+    setattr(get_connector_class, _ROUTED_ATTR, True)
+    factory.get_connector_class = classmethod(get_connector_class)

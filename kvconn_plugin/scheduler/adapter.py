@@ -1,0 +1,411 @@
+"""Scheduler-side half of the connector (runs in vLLM's EngineCore process).
+
+Decides, per request, how many prompt tokens come from LMCache and which whole chunks to
+store after each step. The scheduler step never waits on the network: lookups are sent
+asynchronously and ``get_num_new_matched_tokens`` answers ``None`` ("ask again") until the
+server's reply is in; a dead or slow server turns into a miss.
+
+Loads are asynchronous for vLLM (the request waits in WAITING_FOR_REMOTE_KVS while a worker
+thread copies), so a full-prompt hit never reaches the synchronous-load assert.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from kvconn_plugin.client.api import LMCacheClient
+from kvconn_plugin.client.protocol import CacheKey
+from kvconn_plugin.config import KVConnConfig
+from kvconn_plugin.errors import KVConnError
+from kvconn_plugin.metadata import KVConnMetadata, TransferSpec
+from kvconn_plugin.parallel import KVRanks
+from kvconn_plugin.scheduler.tracker import LookupState, RequestTracker
+from kvconn_plugin.stats import KVConnStats
+from kvconn_plugin.utils import RateLimitedLog
+
+if TYPE_CHECKING:
+    from vllm.v1.core.sched.output import SchedulerOutput
+
+logger = logging.getLogger(__name__)
+_warn = RateLimitedLog(logger, interval=30.0)
+
+# A finished request whose lookup result is still unknown is drained for at most this long.
+DRAIN_TIMEOUT = 30.0
+
+
+class SchedulerAdapter:
+    """Args:
+        config: validated connector config.
+        model_name: cache namespace (part of every key).
+        ranks: KV world size and readers, as the workers register them.
+        block_size: vLLM (manager) block size in tokens.
+        client: injected client (tests); otherwise one is built for the configured server.
+    """
+
+    def __init__(
+        self,
+        config: KVConnConfig,
+        *,
+        model_name: str,
+        ranks: KVRanks,
+        block_size: int,
+        client: LMCacheClient | None = None,
+    ):
+        self.config = config
+        self.model_name = model_name
+        self.ranks = ranks
+        self.block_size = block_size
+        self.client = client or LMCacheClient(
+            config.server_urls[0],
+            control_timeout=config.control_timeout,
+            transfer_timeout=config.transfer_timeout,
+        )
+        self.chunk_size: int | None = None
+        self._trackers: dict[str, RequestTracker] = {}
+        self._closing: dict[str, tuple[RequestTracker, float]] = {}
+        self._pending_loads: list[TransferSpec] = []
+        self._held_for_load: set[str] = set()
+        self._kv_cache_manager: Any = None
+        self.stats = KVConnStats()
+        self._health = _ServerHealth(self, config.heartbeat_interval)
+        self._health.check_now(wait=config.connect_timeout)
+        if self.chunk_size is None:
+            if config.require_server:
+                self.client.close()
+                raise KVConnError(
+                    f"no LMCache server answered at {self.client.url} within "
+                    f"{config.connect_timeout:.0f}s (kvconn.require_server is set). Start one with: "
+                    "lmcache server --l1-size-gb 20 --eviction-policy LRU "
+                    "--supported-transfer-mode auto --shm-name kvconn"
+                )
+            logger.warning(
+                "kvconn: no LMCache server at %s; serving without the KV cache and retrying in "
+                "the background. Start one with: lmcache server --l1-size-gb 20 "
+                "--eviction-policy LRU --supported-transfer-mode auto --shm-name kvconn",
+                self.client.url,
+            )
+        self._health.start()
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def healthy(self) -> bool:
+        return (
+            self._health.healthy
+            and self.chunk_size is not None
+            and self.client.transport.connected
+        )
+
+    def bind_kv_cache_manager(self, manager: Any) -> None:
+        self._kv_cache_manager = manager
+
+    def _tracker(self, request: Any) -> RequestTracker:
+        tr = self._trackers.get(request.request_id)
+        if tr is None:
+            tr = RequestTracker(request.request_id, request, getattr(request, "cache_salt", None) or "")
+            self._trackers[request.request_id] = tr
+        return tr
+
+    def _key(self, tr: RequestTracker, start: int, end: int, worker_id: int | None) -> CacheKey:
+        return CacheKey(
+            model_name=self.model_name,
+            world_size=self.ranks.world_size,
+            worker_id=worker_id,
+            token_ids=list(tr.request.all_token_ids[: max(end, tr.lookup_end)]),
+            start=start,
+            end=end,
+            request_id=tr.request_id,
+            cache_salt=tr.cache_salt,
+            num_kv_readers=self.ranks.num_kv_readers,
+        )
+
+    # ------------------------------------------------------------------ lookup
+
+    def on_new_request(self, request: Any) -> None:
+        """Start the lookup as soon as the request arrives (EngineCore process)."""
+        self._start_lookup(self._tracker(request))
+
+    def _start_lookup(self, tr: RequestTracker) -> None:
+        chunk = self.chunk_size
+        if not self.config.load or not self.healthy or chunk is None:
+            return
+        # Leave at least one token for vLLM to compute: the last one never comes from us.
+        end = (tr.request.num_tokens - 1) // chunk * chunk
+        if end <= 0:
+            return
+        tr.lookup_end = end
+        tr.state = LookupState.WAIT_ACK
+        tr.started_at = time.monotonic()
+        tr.hit_chunks = 0
+        try:
+            tr.lookup_future = self.client.lookup_async(
+                self._key(tr, 0, end, None), self.ranks.tp_size
+            )
+        except KVConnError as exc:
+            tr.state = LookupState.FAILED
+            self._health.report_failure(exc)
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        """Tokens beyond ``num_computed_tokens`` the cache can provide (EngineCore process).
+
+        Returns ``(None, False)`` while the lookup is in flight. The answer depends only on
+        the request and the lookup result, so repeated calls agree.
+        """
+        tr = self._tracker(request)
+        if tr.state is LookupState.IDLE and tr.load_from is None and not tr.loading:
+            self._start_lookup(tr)  # e.g. a resumed request after preemption
+        tr.advance(self.client.query_prefetch_status_async)
+        if tr.in_flight:
+            if tr.timed_out(time.monotonic(), self.config.lookup_timeout):
+                self.stats.record("lookup_timeouts")
+                return 0, False
+            return None, False
+        if tr.state is not LookupState.DONE or not self.healthy:
+            return 0, False
+        chunk = self.chunk_size or 1
+        hit = min(tr.hit_chunks * chunk, tr.lookup_end)
+        if hit <= num_computed_tokens:
+            return 0, False
+        return hit - num_computed_tokens, True
+
+    # ------------------------------------------------------------------ allocation
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        """Plan the load of the external tokens vLLM just allocated blocks for."""
+        tr = self._trackers.get(request.request_id)
+        if tr is None or tr.load_from is not None:
+            return  # second call after an async load completes, or unknown request
+        if num_external_tokens <= 0 or tr.state is not LookupState.DONE:
+            tr.load_from = -1
+            self._release_locks(tr)
+            return
+        chunk = self.chunk_size or 1
+        computed = request.num_computed_tokens
+        end = computed + num_external_tokens
+        start = computed // chunk * chunk
+        block_ids = list(blocks.get_block_ids()[0])
+        first, last = start // self.block_size, end // self.block_size
+        if end % chunk or last > len(block_ids):
+            logger.error("kvconn: load plan [%d, %d) does not fit %d blocks; skipping load",
+                         start, end, len(block_ids))
+            tr.load_from = -1
+            self._release_locks(tr)
+            return
+        tr.load_from = start
+        tr.loading = True
+        tr.stored_end = max(tr.stored_end, end)  # these chunks are on the server already
+        tr.pending_load = TransferSpec(
+            request_id=tr.request_id,
+            token_ids=tuple(request.all_token_ids[:end]),
+            start=start,
+            end=end,
+            block_ids=tuple(block_ids[first:last]),
+            cache_salt=tr.cache_salt,
+            skip_blocks=(computed - start) // self.block_size,
+        )
+        self._pending_loads.append(tr.pending_load)
+        self.stats.record("hit_tokens", num_external_tokens)
+        self._release_locks(tr)
+
+    def _release_locks(self, tr: RequestTracker) -> None:
+        """Free the read locks this request's lookup took and will not consume, exactly once."""
+        if tr.locks_settled or tr.load_from is None:
+            return
+        if tr.state is not LookupState.DONE:
+            if not tr.in_flight:
+                tr.locks_settled = True  # the lookup failed: it locked nothing we know of
+            return
+        locked_end = min(tr.hit_chunks * (self.chunk_size or 1), tr.lookup_end)
+        free_end = locked_end if tr.load_from < 0 else tr.load_from
+        tr.locks_settled = True
+        if free_end > 0:
+            try:
+                self.client.free_lookup_locks_async(self._key(tr, 0, free_end, None), self.ranks.tp_size)
+            except KVConnError as exc:
+                self._health.report_failure(exc)
+
+    # ------------------------------------------------------------------ per step
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnMetadata:
+        """Collect this step's loads and stores for the workers (EngineCore process)."""
+        meta = KVConnMetadata(loads=self._pending_loads, held_for_load=set(self._held_for_load))
+        self._pending_loads = []
+        for tr in (self._trackers.get(r) for r in scheduler_output.preempted_req_ids or ()):
+            if tr is not None:
+                self._reset_for_resume(tr)
+        if self.config.store and self.healthy:
+            for req_id, n in scheduler_output.num_scheduled_tokens.items():
+                spec = self._plan_store(req_id, n)
+                if spec is not None:
+                    meta.stores.append(spec)
+        self._drain_closing()
+        return meta
+
+    def _plan_store(self, req_id: str, num_scheduled: int) -> TransferSpec | None:
+        tr = self._trackers.get(req_id)
+        if tr is None or self._kv_cache_manager is None:
+            return None
+        chunk = self.chunk_size or 1
+        req = tr.request
+        computed_after = min(req.num_computed_tokens + num_scheduled, req.num_tokens)
+        end = computed_after // chunk * chunk
+        if end <= tr.stored_end:
+            return None
+        start = tr.stored_end
+        block_ids = self._kv_cache_manager.get_block_ids(req_id)[0]
+        first, last = start // self.block_size, end // self.block_size
+        if last > len(block_ids):
+            return None
+        tr.stored_end = end
+        return TransferSpec(
+            request_id=req_id,
+            token_ids=tuple(req.all_token_ids[:end]),
+            start=start,
+            end=end,
+            block_ids=tuple(block_ids[first:last]),
+            cache_salt=tr.cache_salt,
+        )
+
+    def _reset_for_resume(self, tr: RequestTracker) -> None:
+        """A preempted request lost its blocks; it is looked up afresh when it resumes."""
+        if tr.loading:
+            return  # cannot happen for WAITING_FOR_REMOTE_KVS requests; keep the load state
+        if not tr.locks_settled:
+            if tr.load_from is None:
+                tr.load_from = -1
+            self._release_locks(tr)
+            if not tr.locks_settled:
+                self._closing[f"{tr.request_id}#pre{id(tr)}"] = (tr, time.monotonic() + DRAIN_TIMEOUT)
+        fresh = RequestTracker(tr.request_id, tr.request, tr.cache_salt)
+        fresh.stored_end = tr.stored_end
+        self._trackers[tr.request_id] = fresh
+
+    def update_connector_output(self, output: Any) -> None:
+        for req_id in output.finished_recving or ():
+            tr = self._trackers.get(req_id)
+            if tr is not None:
+                tr.loading = False
+        for req_id in output.finished_sending or ():
+            self._held_for_load.discard(req_id)
+
+    # ------------------------------------------------------------------ finish
+
+    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
+        """Release locks and end the server session (EngineCore process).
+
+        Returns True (keep the blocks) only while a load into them is still running.
+        """
+        tr = self._trackers.pop(request.request_id, None)
+        if tr is None:
+            return False, None
+        hold = tr.loading
+        if hold:
+            self._held_for_load.add(tr.request_id)
+        if tr.load_from is None:
+            tr.load_from = -1
+        self._release_locks(tr)
+        self._closing[tr.request_id] = (tr, time.monotonic() + DRAIN_TIMEOUT)
+        self._drain_closing()
+        return hold, None
+
+    def _drain_closing(self) -> None:
+        """End sessions of finished requests once their lookup result is in (or given up)."""
+        if not self._closing:
+            return
+        now = time.monotonic()
+        for key, (tr, deadline) in list(self._closing.items()):
+            tr.advance(self.client.query_prefetch_status_async)
+            self._release_locks(tr)
+            if not tr.locks_settled and now < deadline:
+                continue
+            del self._closing[key]
+            if "#pre" in key:
+                continue  # a preempted request's earlier lookup: the session lives on
+            if tr.state is not LookupState.IDLE:
+                try:
+                    self.client.end_session_async(tr.request_id)
+                except KVConnError:
+                    pass
+
+    def get_stats(self) -> KVConnStats | None:
+        return self.stats.take()
+
+    def shutdown(self) -> None:
+        self._health.stop()
+        self.client.close()
+
+
+class _ServerHealth:
+    """Background liveness of the server as seen by the scheduler.
+
+    Pings every ``interval`` with a deadline of ``interval``, so an outage is noticed within
+    two intervals; while it lasts, lookups are skipped (0 external tokens). On recovery the
+    chunk size is read again: a server restarted with another chunk size keeps the cache
+    off rather than mixing layouts.
+    """
+
+    def __init__(self, owner: SchedulerAdapter, interval: float):
+        self._owner = owner
+        self._interval = interval
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="kvconn-sched-health", daemon=True)
+        self.healthy = False
+        self.disabled_reason: str | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    def report_failure(self, exc: Exception) -> None:
+        if self.healthy:
+            _warn.warning("server-down", "kvconn: LMCache server call failed (%s); checking it", exc)
+        self._wake.set()
+
+    def check_now(self, wait: float) -> None:
+        owner = self._owner
+        try:
+            owner.client.ping(None, timeout=wait)
+            chunk = owner.client.get_chunk_size(timeout=wait)
+        except KVConnError as exc:
+            if self.healthy:
+                _warn.warning("server-down", "kvconn: LMCache server at %s unreachable (%s); "
+                              "serving without the cache", owner.client.url, exc)
+            self.healthy = False
+            owner.stats.set_degraded(True)
+            return
+        if owner.block_size and chunk % owner.block_size:
+            self._disable(f"server chunk size {chunk} is not a multiple of block size {owner.block_size}")
+            return
+        if owner.chunk_size is not None and chunk != owner.chunk_size:
+            self._disable(f"server chunk size changed from {owner.chunk_size} to {chunk}")
+            return
+        if not self.healthy and owner.chunk_size is not None:
+            logger.info("kvconn: LMCache server at %s is back", owner.client.url)
+        owner.chunk_size = chunk
+        self.healthy = self.disabled_reason is None
+        owner.stats.set_degraded(not self.healthy)
+
+    def _disable(self, reason: str) -> None:
+        if self.disabled_reason is None:
+            logger.error("kvconn: disabling the KV cache: %s. Restart vLLM to pick up the new "
+                         "server settings.", reason)
+        self.disabled_reason = reason
+        self.healthy = False
+        self._owner.stats.set_degraded(True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self._interval)
+            self._wake.clear()
+            if self._stop.is_set() or self.disabled_reason is not None:
+                continue
+            self.check_now(wait=self._interval)

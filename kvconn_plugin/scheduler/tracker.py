@@ -1,0 +1,79 @@
+"""Per-request state on the scheduler side: the asynchronous lookup and what it locked.
+
+A lookup is LOOKUP (the server acks, taking read locks on the hit chunks) followed by
+QUERY_PREFETCH_STATUS polls until the server reports the hit in chunks. The result is
+handed out exactly once by the server, so the tracker keeps it. Nothing here blocks: the
+futures are only inspected.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvconn_plugin.metadata import TransferSpec
+
+
+class LookupState(enum.Enum):
+    IDLE = "idle"            # no lookup sent (cache unavailable or nothing to look up)
+    WAIT_ACK = "wait_ack"    # LOOKUP sent, waiting for the ack
+    QUERYING = "querying"    # QUERY_PREFETCH_STATUS in flight
+    DONE = "done"            # hit known
+    FAILED = "failed"        # error or timeout: counts as a miss
+
+
+@dataclass(eq=False)
+class RequestTracker:
+    request_id: str
+    request: Any  # vllm Request; kept for token ids and progress
+    cache_salt: str
+    state: LookupState = LookupState.IDLE
+    lookup_end: int = 0            # tokens covered by the LOOKUP key
+    lookup_future: Future | None = None
+    query_future: Future | None = None
+    started_at: float = field(default_factory=time.monotonic)
+    hit_chunks: int = 0
+    # Read locks on [0, locked_end) are ours until loaded, freed, or the server's TTL.
+    locked_end: int = 0
+    locks_settled: bool = False
+    # None until vLLM allocated (or finished) the request; then the first token we load
+    # from, or -1 when nothing is loaded. Decides which locks to free.
+    load_from: int | None = None
+    pending_load: TransferSpec | None = None
+    loading: bool = False          # a load was handed to the workers and not yet reported
+    stored_end: int = 0            # tokens already stored (or known cached), chunk aligned
+
+    def advance(self, submit_query) -> None:
+        """Move the lookup along without waiting; ``submit_query(rid)`` returns a Future."""
+        if self.state is LookupState.WAIT_ACK and self.lookup_future is not None:
+            if not self.lookup_future.done():
+                return
+            if self.lookup_future.exception() is not None:
+                self.state = LookupState.FAILED
+                return
+            self.state = LookupState.QUERYING
+            self.query_future = submit_query(self.request_id)
+        if self.state is LookupState.QUERYING and self.query_future is not None:
+            if not self.query_future.done():
+                return
+            if self.query_future.exception() is not None:
+                self.state = LookupState.FAILED
+                return
+            result = self.query_future.result()
+            if result is None:  # server still prefetching: ask again next time
+                self.query_future = submit_query(self.request_id)
+                return
+            self.hit_chunks = int(result)
+            self.state = LookupState.DONE
+
+    def timed_out(self, now: float, timeout: float) -> bool:
+        """A lookup this old is treated as a miss for scheduling. It keeps advancing so
+        that the locks it may still take are freed once its result is known."""
+        return self.in_flight and now - self.started_at > timeout
+
+    @property
+    def in_flight(self) -> bool:
+        return self.state in (LookupState.WAIT_ACK, LookupState.QUERYING)
