@@ -18,6 +18,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from kvconn_plugin.config import parse_config
 from kvconn_plugin.errors import KVConnConfigError
+from kvconn_plugin.logs import attach_to_vllm_logging
 from kvconn_plugin.metadata import KVConnMetadata
 from kvconn_plugin.parallel import kv_ranks
 from kvconn_plugin.scheduler.adapter import SchedulerAdapter
@@ -44,6 +45,7 @@ class KVConnPluginConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: Any = None):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        attach_to_vllm_logging()
         kvt = vllm_config.kv_transfer_config
         config = parse_config(
             kvt.kv_connector_extra_config,
@@ -159,6 +161,13 @@ class KVConnPluginConnector(KVConnectorBase_V1):
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnStats | None:
         return KVConnStats(data=dict(data)) if data is not None else KVConnStats()
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: Any, metric_types: dict, labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> Any:
+        from kvconn_plugin.metrics import KVConnPromMetrics
+
+        return KVConnPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: Any) -> str | None:

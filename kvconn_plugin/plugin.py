@@ -31,6 +31,9 @@ def route_lmcache_mp() -> bool:
 
 def register() -> None:
     try:
+        from kvconn_plugin.logs import attach_to_vllm_logging
+
+        attach_to_vllm_logging()
         _register()
     except Exception:  # noqa: BLE001 - a plugin must never take vLLM down
         logger.exception("kvconn: plugin registration failed; the connector is unavailable")

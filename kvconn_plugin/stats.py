@@ -41,6 +41,13 @@ class KVConnStats(KVConnectorStats):
         with self._lock:
             self.data[name] = self.data.get(name, 0) + value
 
+    def sample(self, name: str, value: float, keep: int = 4096) -> None:
+        """Append an observation (e.g. a lookup latency); bounded between takes."""
+        with self._lock:
+            series = self.data.setdefault(name, [])
+            if len(series) < keep:
+                series.append(value)
+
     def set_degraded(self, degraded: bool) -> None:
         with self._lock:
             self.data["degraded"] = 1 if degraded else 0
@@ -48,7 +55,8 @@ class KVConnStats(KVConnectorStats):
     def take(self) -> KVConnStats | None:
         """Hand out what was collected since the last call and start afresh."""
         with self._lock:
-            if not any(self.data.get(k) for k in COUNTERS) and "degraded" not in self.data:
+            if not any(self.data.get(k) for k in (*COUNTERS, "lookup_latency_s")) \
+                    and "degraded" not in self.data:
                 return None
             out = KVConnStats(data=dict(self.data))
             flag = self.data.get("degraded")
@@ -63,6 +71,8 @@ class KVConnStats(KVConnectorStats):
         for k, v in (other.data or {}).items():
             if k in FLAGS:
                 self.data[k] = max(self.data.get(k, 0), v)
+            elif isinstance(v, list):
+                self.data[k] = list(self.data.get(k, [])) + v
             elif isinstance(v, (int, float)):
                 self.data[k] = self.data.get(k, 0) + v
         return self
@@ -74,6 +84,9 @@ class KVConnStats(KVConnectorStats):
             out["load_GBps"] = round(d.get("loaded_bytes", 0) / d["load_seconds"] / 1e9, 3)
         if d.get("store_seconds"):
             out["store_GBps"] = round(d.get("stored_bytes", 0) / d["store_seconds"] / 1e9, 3)
+        lat = sorted(d.get("lookup_latency_s") or ())
+        if lat:
+            out["lookup_p50_ms"] = round(lat[len(lat) // 2] * 1e3, 3)
         out["degraded"] = d.get("degraded", 0)
         return out
 
@@ -81,7 +94,7 @@ class KVConnStats(KVConnectorStats):
         return not any(self.data.get(k) for k in COUNTERS)
 
     def __getstate__(self) -> dict:
-        return {"data": dict(self.data)}
+        return {"data": {k: list(v) if isinstance(v, list) else v for k, v in self.data.items()}}
 
     def __setstate__(self, state: dict) -> None:
         self.data = state["data"]

