@@ -30,6 +30,3 @@ class TransferSpec:
 class KVConnMetadata(KVConnectorMetadata):
     loads: list[TransferSpec] = field(default_factory=list)
     stores: list[TransferSpec] = field(default_factory=list)
-    # Requests the scheduler finished while their load was still in flight: the worker
-    # reports them as finished_sending once the load thread is done with their blocks.
-    held_for_load: set[str] = field(default_factory=set)

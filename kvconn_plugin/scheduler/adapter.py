@@ -67,7 +67,6 @@ class SchedulerAdapter:
         self._trackers: dict[str, RequestTracker] = {}
         self._closing: dict[str, tuple[RequestTracker, float]] = {}
         self._pending_loads: list[TransferSpec] = []
-        self._held_for_load: set[str] = set()
         self._kv_cache_manager: Any = None
         self.stats = KVConnStats()
         self._health = _ServerHealth(self, config.heartbeat_interval)
@@ -195,14 +194,22 @@ class SchedulerAdapter:
             self._release_locks(tr)
             return
         chunk = self.chunk_size or 1
-        computed = request.num_computed_tokens
-        end = computed + num_external_tokens
+        # vLLM has not advanced num_computed_tokens yet: our answer was hit - local_hit.
+        end = min(tr.hit_chunks * chunk, tr.lookup_end)
+        computed = end - num_external_tokens
         start = computed // chunk * chunk
         block_ids = list(blocks.get_block_ids()[0])
         first, last = start // self.block_size, end // self.block_size
-        if end % chunk or last > len(block_ids):
-            logger.error("kvconn: load plan [%d, %d) does not fit %d blocks; skipping load",
+        if computed < 0 or computed % self.block_size or end % chunk or last > len(block_ids):
+            logger.error("kvconn: load plan [%d, %d) does not fit %d blocks; recomputing instead",
                          start, end, len(block_ids))
+            # vLLM already waits for this load: hand the workers a load that fails, so
+            # they report it (finished + load errors) and vLLM recomputes.
+            self._pending_loads.append(TransferSpec(
+                request_id=tr.request_id, token_ids=(), start=0, end=0,
+                block_ids=tuple(block_ids), cache_salt=tr.cache_salt,
+                skip_blocks=max(0, computed) // self.block_size))
+            tr.loading = True
             tr.load_from = -1
             self._release_locks(tr)
             return
@@ -243,7 +250,7 @@ class SchedulerAdapter:
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnMetadata:
         """Collect this step's loads and stores for the workers (EngineCore process)."""
-        meta = KVConnMetadata(loads=self._pending_loads, held_for_load=set(self._held_for_load))
+        meta = KVConnMetadata(loads=self._pending_loads)
         self._pending_loads = []
         for tr in (self._trackers.get(r) for r in scheduler_output.preempted_req_ids or ()):
             if tr is not None:
@@ -300,22 +307,19 @@ class SchedulerAdapter:
             tr = self._trackers.get(req_id)
             if tr is not None:
                 tr.loading = False
-        for req_id in output.finished_sending or ():
-            self._held_for_load.discard(req_id)
 
     # ------------------------------------------------------------------ finish
 
     def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict | None]:
         """Release locks and end the server session (EngineCore process).
 
-        Returns True (keep the blocks) only while a load into them is still running.
+        Returns True (keep the blocks) only while a load into them is still running; the
+        worker's finished_recving for it then lets vLLM free them.
         """
         tr = self._trackers.pop(request.request_id, None)
         if tr is None:
             return False, None
         hold = tr.loading
-        if hold:
-            self._held_for_load.add(tr.request_id)
         if tr.load_from is None:
             tr.load_from = -1
         self._release_locks(tr)

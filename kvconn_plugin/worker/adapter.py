@@ -73,7 +73,6 @@ class WorkerAdapter:
         self._loads: dict[str, Future] = {}
         self._load_errors: set[int] = set()
         self._done_recving: set[str] = set()
-        self._held: set[str] = set()
         self._lock = threading.Lock()
         self._autostarted: Any = None
 
@@ -116,7 +115,6 @@ class WorkerAdapter:
 
     def start_load_kv(self, meta: KVConnMetadata) -> None:
         """Queue this step's loads on the load thread (worker process)."""
-        self._held.update(meta.held_for_load)
         for spec in meta.loads:
             fut = self._loader.submit(self._load_one, spec)
             with self._lock:
@@ -155,16 +153,18 @@ class WorkerAdapter:
                 logger.exception("kvconn: unexpected error storing %s", spec.request_id)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        """Report finished loads, and held requests whose blocks are free to go."""
+        """Report finished loads (failed ones too: their blocks are in the load errors).
+
+        A request aborted mid-load is still reported here; that is what lets vLLM free the
+        blocks it kept for us. Stores are synchronous, so nothing is ever "sending".
+        """
         recving: set[str] = set()
         with self._lock:
             for req_id, fut in list(self._loads.items()):
                 if fut.done():
                     del self._loads[req_id]
                     recving.add(req_id)
-            sending = {r for r in self._held if r not in self._loads}
-            self._held -= sending
-        return sending or None, recving or None
+        return None, recving or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         with self._lock:

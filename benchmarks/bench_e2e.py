@@ -1,0 +1,110 @@
+"""TTFT of an LMCache hit vs recompute, our connector vs LMCache's shipped one.
+
+One LMCache server, one random-weight model big enough that recomputing a 1k-token prefix
+takes over a second on a small CPU, the same prompts for everyone, in one run:
+
+* recompute: a fresh engine without any connector;
+* per connector: engine #1 stores the prompts, a fresh engine #2 is timed (its vLLM prefix
+  cache is cold, so the prefix can only come from LMCache).
+
+TTFT is the wall time of a 1-token generation per prompt (median over prompts). Targets:
+hit TTFT <= 0.2x recompute, ours no slower than LMCache's connector.
+
+``python benchmarks/bench_e2e.py [--preset bench] [--prompts 4] [--prefix 1024]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from kvconn_plugin.config import parse_config
+from kvconn_plugin.demo import make_prompts
+from kvconn_plugin.server.autostart import _free_port, maybe_autostart
+from kvconn_plugin.tools.run_engine import run_engine
+from kvconn_plugin.tools.tiny_model import PRESETS, write_tiny_llama
+
+
+def _kvt(port: int, impl: str) -> dict:
+    return {
+        "kv_connector": "KVConnPluginConnector" if impl == "builtin" else "LMCacheMPConnector",
+        "kv_role": "kv_both",
+        "kv_connector_module_path": "kvconn_plugin.connector",
+        "kv_connector_extra_config": {
+            "lmcache.mp.host": "tcp://127.0.0.1", "lmcache.mp.port": port,
+            "lmcache.mp.autostart": False, "kvconn.impl": impl,
+            "lmcache.mp.mp_transfer_mode": "engine_driven",
+        },
+    }
+
+
+def _median_ttft(result: dict, skip_first: bool = False) -> float:
+    vals = [r["ttft_s"] for r in result["results"]]
+    return statistics.median(vals[1:] if skip_first and len(vals) > 1 else vals)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="bench", choices=sorted(PRESETS))
+    ap.add_argument("--prompts", type=int, default=4)
+    ap.add_argument("--prefix", type=int, default=1024)
+    ap.add_argument("--out", default="benchmarks/results/bench_e2e.txt")
+    args = ap.parse_args(argv)
+    t_start = time.time()
+    rows: list[tuple[str, str]] = []
+    with tempfile.TemporaryDirectory(prefix="kvconn-bench-e2e-") as tmp:
+        model = write_tiny_llama(Path(tmp) / "model", **PRESETS[args.preset])
+        vocab = PRESETS[args.preset]["vocab_size"]
+        # Distinct prefixes per prompt: every timed prompt is a cold vLLM miss.
+        prompts = [p for i in range(args.prompts)
+                   for p in make_prompts(1, args.prefix, 16, vocab, seed=100 + i)]
+        log = Path(tmp) / "engines.log"
+        base = run_engine(model, prompts, max_tokens=1, log_path=log)
+        recompute = _median_ttft(base)
+        rows.append(("recompute (no connector)", f"{recompute * 1e3:9.1f} ms   1.00x"))
+        port = _free_port()
+        server = maybe_autostart(parse_config({"lmcache.mp.autostart.server_args":
+                                               "--l1-size-gb 2 --eviction-policy LRU"}),
+                                 f"tcp://127.0.0.1:{port}")
+        hits: dict[str, float] = {}
+        try:
+            for impl in ("builtin", "lmcache"):
+                name = "ours (KVConnPluginConnector)" if impl == "builtin" else "lmcache's LMCacheMPConnector"
+                try:
+                    run_engine(model, prompts, kv_transfer_config=_kvt(port, impl), max_tokens=1, log_path=log)
+                    e2 = run_engine(model, prompts, kv_transfer_config=_kvt(port, impl), max_tokens=1, log_path=log)
+                except RuntimeError as exc:
+                    rows.append((name, f"n/a ({str(exc).splitlines()[0][:80]})"))
+                    continue
+                hit_tokens = min(r["num_cached_tokens"] for r in e2["results"])
+                hits[impl] = _median_ttft(e2)
+                rows.append((f"hit via {name}",
+                             f"{hits[impl] * 1e3:9.1f} ms   {hits[impl] / recompute:.2f}x   "
+                             f"(min hit tokens {hit_tokens})"))
+        finally:
+            if server is not None:
+                server.stop()
+    lines = [
+        f"bench_e2e: preset {args.preset}, {args.prompts} prompts, {args.prefix}-token prefix + 16, "
+        "TTFT = 1-token generation, median over prompts",
+        f"{'path':<44} {'TTFT':>12}   vs recompute",
+        "-" * 80,
+        *(f"{a:<44} {b}" for a, b in rows),
+    ]
+    if "builtin" in hits and "lmcache" in hits:
+        lines.append(f"ours / lmcache hit TTFT: {hits['builtin'] / hits['lmcache']:.2f} (<= 1.00 means ours is not slower)")
+    lines.append(f"(total {time.time() - t_start:.0f}s)")
+    text = "\n".join(lines)
+    print(text)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

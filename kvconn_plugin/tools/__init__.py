@@ -1,0 +1,1 @@
+"""Developer tools: tiny random-weight models for tests, demos and benchmarks."""

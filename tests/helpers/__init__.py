@@ -1,0 +1,1 @@
+"""Shared test helpers: a real-vLLM scheduler harness and subprocess engine runners."""

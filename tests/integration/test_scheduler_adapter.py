@@ -1,0 +1,176 @@
+"""Our scheduler side on vLLM's real Scheduler, talking to a real LMCache server.
+
+The workers are simulated by the harness (mocked ModelRunnerOutput); the server is real,
+so lookups, hits and lock bookkeeping are the server's own.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from kvconn_plugin.client.api import LMCacheClient, new_instance_id
+from kvconn_plugin.client.protocol import CacheKey, RegisterEngineDrivenPayload
+from kvconn_plugin.client.shm_pool import ShmPool
+from kvconn_plugin.metadata import KVConnMetadata
+from tests.helpers.sched_harness import SchedHarness
+
+pytestmark = pytest.mark.lmcache_server
+CHUNK = 256
+
+
+@pytest.fixture(scope="module")
+def server(lmcache_server_factory):
+    return lmcache_server_factory()
+
+
+def _harness(server, **extra) -> SchedHarness:
+    host, port = server.url.rsplit(":", 1)
+    cfg = {"lmcache.mp.host": host, "lmcache.mp.port": int(port), "lmcache.mp.autostart": False,
+           "kvconn.lookup_timeout": 10, **extra}
+    return SchedHarness.create(connector="KVConnPluginConnector", module_path="kvconn_plugin.connector",
+                               extra_config=cfg, max_model_len=4096, max_num_batched_tokens=2048)
+
+
+def _seed_server(server, model: str, tokens: list[int], salt: str = "") -> int:
+    """Store whole chunks of ``tokens`` as an engine-driven worker would."""
+    with LMCacheClient(server.url) as c:
+        iid = new_instance_id()
+        reply = c.register_engine_driven(RegisterEngineDrivenPayload(
+            instance_id=iid, model_name=model, world_size=1, block_size=16, num_layers=2,
+            hidden_dim_size=128, dtype_str="bfloat16", use_mla=False, num_physical_slots=CHUNK))
+        end = len(tokens) // CHUNK * CHUNK
+        key = CacheKey(model_name=model, world_size=1, worker_id=0, token_ids=tokens, start=0, end=end,
+                       request_id=f"seed-{iid}", cache_salt=salt)
+        ctx = c.prepare_store(key, iid).context
+        with ShmPool(reply.shm_name, reply.pool_size) as pool:
+            for slot in ctx.slots:
+                pool.slot_view(slot, (2, 2, CHUNK, 128), "bfloat16").fill_(7)
+            assert c.commit_store(key, iid, b"")
+        c.end_session(f"seed-{iid}")
+    return iid
+
+
+def _step_until(h: SchedHarness, pred, max_steps: int = 400, **kw):
+    for _ in range(max_steps):
+        so, _ = h.step(**kw)
+        if pred(so):
+            return so
+        time.sleep(0.002)
+    raise AssertionError("condition not reached")
+
+
+def _meta(so) -> KVConnMetadata:
+    return so.kv_connector_metadata
+
+
+def _tokens(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(10, 500) for _ in range(n)]
+
+
+def test_miss_schedules_and_plans_stores(server):
+    h = _harness(server)
+    toks = _tokens(600, 1)
+    h.add(h.request("miss", toks))
+    stores = []
+    for _ in range(400):
+        so, _ = h.step()
+        stores += _meta(so).stores
+        if not h.scheduler.has_requests():
+            break
+        time.sleep(0.002)
+    # Whole chunks only, contiguous from 0, never past the computed tokens.
+    assert stores and stores[0].start == 0 and stores[-1].end == 512
+    assert all(b.start == a.end for a, b in zip(stores, stores[1:]))
+    assert all(len(s.block_ids) == (s.end - s.start) // h.block_size for s in stores)
+    h.assert_empty()
+    h.connector.shutdown()
+
+
+def test_hit_loads_async_and_releases(server):
+    h = _harness(server)
+    model = h.vllm_config.model_config.model
+    toks = _tokens(700, 2)
+    _seed_server(server, model, toks)
+    h.add(h.request("hit", toks))
+    so = _step_until(h, lambda so: _meta(so).loads)
+    load = _meta(so).loads[0]
+    assert (load.start, load.end, load.skip_blocks) == (0, 512, 0)
+    assert len(load.block_ids) == 512 // h.block_size
+    # The request waits for the workers; report the load as done.
+    h.step(finished_recving={"hit"})
+    for _ in range(50):
+        h.step()
+        if not h.scheduler.has_requests():
+            break
+    h.assert_empty()
+    sched = h.connector._scheduler
+    assert not sched._trackers and not sched._closing
+    h.connector.shutdown()
+
+
+def test_full_prompt_hit_leaves_one_token(server):
+    h = _harness(server)
+    toks = _tokens(512, 3)  # exactly two chunks: the last token must still be computed
+    _seed_server(server, h.vllm_config.model_config.model, toks)
+    h.add(h.request("full", toks))
+    so = _step_until(h, lambda so: _meta(so).loads or so.num_scheduled_tokens)
+    loads = _meta(so).loads
+    assert not loads or loads[0].end <= 256
+    h.connector.shutdown()
+
+
+def test_abort_mid_load_holds_blocks_until_worker_done(server):
+    h = _harness(server)
+    toks = _tokens(600, 4)
+    _seed_server(server, h.vllm_config.model_config.model, toks)
+    h.add(h.request("abort", toks))
+    _step_until(h, lambda so: _meta(so).loads)
+    h.scheduler.finish_requests(["abort"], finished_status=__import__(
+        "vllm.v1.request", fromlist=["RequestStatus"]).RequestStatus.FINISHED_ABORTED)
+    h.step()
+    assert "abort" in h.scheduler.requests  # blocks held: the load may still be writing
+    h.step(finished_recving={"abort"})
+    for _ in range(5):
+        h.step()
+    h.assert_empty()
+    h.connector.shutdown()
+
+
+def test_cache_salt_isolates(server):
+    h = _harness(server)
+    toks = _tokens(600, 5)
+    _seed_server(server, h.vllm_config.model_config.model, toks, salt="tenant-a")
+    h.add(h.request("salted", toks, cache_salt="tenant-b"))
+    loads = []
+    for _ in range(200):
+        so, _ = h.step()
+        loads += _meta(so).loads
+        if not h.scheduler.has_requests():
+            break
+        time.sleep(0.005)
+    assert loads == []
+    h.assert_empty()
+    h.connector.shutdown()
+
+
+def test_no_server_degrades_without_blocking(tmp_path):
+    from tests.conftest import free_port
+
+    t0 = time.monotonic()
+    h = SchedHarness.create(
+        connector="KVConnPluginConnector", module_path="kvconn_plugin.connector",
+        extra_config={"lmcache.mp.host": "tcp://127.0.0.1", "lmcache.mp.port": free_port(),
+                      "lmcache.mp.autostart": False, "kvconn.connect_timeout": 1},
+    )
+    assert time.monotonic() - t0 < 30  # start-up decides quickly (bounded wait, not a timing)
+    h.add(h.request("r", _tokens(300, 6)))
+    for _ in range(20):
+        h.step()
+        if not h.scheduler.has_requests():
+            break
+    h.assert_empty()
+    h.connector.shutdown()
