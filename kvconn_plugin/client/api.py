@@ -7,6 +7,7 @@ transfers get their own, longer one.
 
 from __future__ import annotations
 
+import time
 import uuid
 from concurrent.futures import Future
 
@@ -20,7 +21,7 @@ from kvconn_plugin.client.protocol import (
     RegisterEngineDrivenReply,
 )
 from kvconn_plugin.client.transport import MQTransport, wait
-from kvconn_plugin.errors import KVConnProtocolError
+from kvconn_plugin.errors import KVConnProtocolError, KVConnTimeout
 
 DEFAULT_CONTROL_TIMEOUT = 5.0
 DEFAULT_TRANSFER_TIMEOUT = 30.0
@@ -48,14 +49,21 @@ class LMCacheClient:
         control_timeout: float = DEFAULT_CONTROL_TIMEOUT,
         transfer_timeout: float = DEFAULT_TRANSFER_TIMEOUT,
         transport: MQTransport | None = None,
+        defer_wake: bool = False,
     ):
         self.transport = transport or MQTransport(url, timeout=control_timeout)
         self.url = self.transport.url
         self.control_timeout = control_timeout
         self.transfer_timeout = transfer_timeout
+        # Async calls stay queued until flush() (one I/O wake-up per scheduler step).
+        self._wake = not defer_wake
 
     def close(self) -> None:
         self.transport.close()
+
+    def flush(self) -> None:
+        """Send what ``*_async`` calls queued under ``defer_wake``."""
+        self.transport.flush()
 
     def __enter__(self) -> LMCacheClient:
         return self
@@ -81,31 +89,32 @@ class LMCacheClient:
         return True
 
     def ping_async(self, instance_id: int | None = None, timeout: float | None = None) -> Future:
-        return self.transport.submit(Op.PING, instance_id, timeout=timeout or self.control_timeout)
+        return self.transport.submit(Op.PING, instance_id, timeout=timeout or self.control_timeout, wake=self._wake)
 
     def clear(self, force: bool = False) -> None:
         self._call(Op.CLEAR, force)
 
     # ------------------------------------------------------------------ scheduler side
 
-    def lookup_async(self, key: CacheKey, tp_size: int = 1) -> Future:
+    def lookup_async(self, key: CacheKey, tp_size: int = 1, timeout: float | None = None) -> Future:
         """Send LOOKUP; the future resolves (to ``None``) when the server acknowledged it."""
-        return self.transport.submit(Op.LOOKUP, key, tp_size, timeout=self.control_timeout)
+        return self.transport.submit(Op.LOOKUP, key, tp_size, timeout=timeout or self.control_timeout, wake=self._wake)
 
-    def query_prefetch_status_async(self, request_id: str) -> Future:
+    def query_prefetch_status_async(self, request_id: str, timeout: float | None = None) -> Future:
         """Future of the hit count in chunks, or ``None`` while the server still prefetches.
 
         The server reports a result exactly once; a second query answers 0.
         """
         return self.transport.submit(
-            Op.QUERY_PREFETCH_STATUS, request_id, timeout=self.control_timeout
+            Op.QUERY_PREFETCH_STATUS, request_id, timeout=timeout or self.control_timeout,
+            wake=self._wake,
         )
 
     def free_lookup_locks_async(self, key: CacheKey, tp_size: int = 1) -> Future:
-        return self.transport.submit(Op.FREE_LOOKUP_LOCKS, key, tp_size, timeout=self.control_timeout)
+        return self.transport.submit(Op.FREE_LOOKUP_LOCKS, key, tp_size, timeout=self.control_timeout, wake=self._wake)
 
     def end_session_async(self, request_id: str) -> Future:
-        return self.transport.submit(Op.END_SESSION, request_id, timeout=self.control_timeout)
+        return self.transport.submit(Op.END_SESSION, request_id, timeout=self.control_timeout, wake=self._wake)
 
     def report_block_allocation_async(
         self, instance_id: int, model_name: str, records: list[BlockAllocationRecord]
@@ -115,22 +124,22 @@ class LMCacheClient:
         )
 
     def lookup(self, key: CacheKey, poll_interval: float = 0.001, timeout: float | None = None) -> int:
-        """Blocking LOOKUP + QUERY until a result arrives; returns hit chunks (tools/tests)."""
-        import time
+        """Blocking LOOKUP + QUERY until a result arrives; returns hit chunks (tools/tests).
 
+        ``timeout`` bounds the whole exchange, and each request gets the time that is left
+        (not the shorter control timeout).
+        """
         budget = timeout or self.control_timeout
         deadline = time.monotonic() + budget
-        wait(self.lookup_async(key), Op.LOOKUP, budget)
+        wait(self.lookup_async(key, timeout=budget), Op.LOOKUP, budget)
         while True:
-            hit = wait(
-                self.query_prefetch_status_async(key.request_id), Op.QUERY_PREFETCH_STATUS, budget
-            )
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise KVConnTimeout(f"lookup of {key.request_id} still prefetching after {budget}s")
+            hit = wait(self.query_prefetch_status_async(key.request_id, timeout=left),
+                       Op.QUERY_PREFETCH_STATUS, left)
             if hit is not None:
                 return int(hit)
-            if time.monotonic() > deadline:
-                from kvconn_plugin.errors import KVConnTimeout
-
-                raise KVConnTimeout(f"lookup of {key.request_id} still prefetching after {budget}s")
             time.sleep(poll_interval)
 
     def free_lookup_locks(self, key: CacheKey, tp_size: int = 1) -> None:

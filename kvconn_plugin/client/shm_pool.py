@@ -110,6 +110,19 @@ class ShmPool:
         self.check_slot(slot, expected_shape, expected_dtype)
         return self.tensor[slot.offset : slot.offset + slot.length]
 
+    def typed_view(
+        self, slot: SlotDescriptor, expected_shape: tuple[int, ...], expected_dtype: str
+    ) -> torch.Tensor:
+        """A validated view of one slot with its dtype and shape (no copy).
+
+        Prefer this for copies: torch copies a typed tensor markedly faster than the same
+        bytes as uint8 (coarser parallel grain).
+        """
+        import torch
+
+        raw = self.slot_view(slot, expected_shape, expected_dtype)
+        return raw.view(getattr(torch, expected_dtype)).view(tuple(expected_shape))
+
     def close(self) -> None:
         self._tensor = None
         try:

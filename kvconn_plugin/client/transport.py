@@ -29,6 +29,7 @@ import zmq.utils.monitor
 from kvconn_plugin.client.protocol import Op, decode_reply, encode_request
 from kvconn_plugin.errors import (
     KVConnClosed,
+    KVConnConfigError,
     KVConnError,
     KVConnProtocolError,
     KVConnTimeout,
@@ -38,6 +39,12 @@ from kvconn_plugin.errors import (
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PENDING = 65536
+# Plain ints: pyzmq's flag enums cost an enum construction per operation in the hot loop.
+_NOBLOCK = int(zmq.NOBLOCK)
+_SEND_MORE = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
+_POLLIN = int(zmq.POLLIN)
+_EVENTS = int(zmq.EVENTS)
+ZERO_COPY_MIN = 65536  # pyzmq's own copy threshold
 
 
 @dataclass(eq=False)
@@ -48,6 +55,7 @@ class _Pending:
     deadline: float
     future: Future = field(default_factory=Future)
     sent: bool = False
+    zero_copy: bool = False
 
 
 class MQTransport:
@@ -69,6 +77,7 @@ class MQTransport:
         self._pending: dict[bytes, _Pending] = {}
         self._deadlines: list[tuple[float, int, _Pending]] = []
         self._closed = False
+        self._wake_pending = False
         self._connected = threading.Event()
         self._ever_connected = False
         self._wake_r, self._wake_w = os.pipe()
@@ -76,15 +85,30 @@ class MQTransport:
         os.set_blocking(self._wake_w, False)
         self._ctx = zmq.Context(io_threads=1)
         self._sock = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.setsockopt(zmq.IMMEDIATE, 1)
-        self._sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        self._sock.setsockopt(zmq.CONNECT_TIMEOUT, 2000)
-        self._monitor = self._sock.get_monitor_socket(
-            zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
-        )
-        self._sock.connect(self.url)
+        monitor: zmq.Socket | None = None
+        try:
+            self._sock.setsockopt(zmq.LINGER, 0)
+            self._sock.setsockopt(zmq.IMMEDIATE, 1)
+            self._sock.setsockopt(zmq.RECONNECT_IVL, 100)
+            self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            self._sock.setsockopt(zmq.CONNECT_TIMEOUT, 2000)
+            monitor = self._sock.get_monitor_socket(
+                zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+            )
+            self._sock.connect(self.url)
+        except zmq.ZMQError as exc:
+            # e.g. an unresolvable host or a malformed port: release everything
+            # (sockets, context, pipe) instead of leaking them, and say which URL.
+            if monitor is not None:
+                monitor.close(linger=0)
+            self._sock.close(linger=0)
+            self._ctx.term()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            raise KVConnConfigError(
+                f"cannot connect to LMCache server URL {self.url!r}: {exc}"
+            ) from exc
+        self._monitor: zmq.Socket = monitor
         self._thread = threading.Thread(target=self._run, name="kvconn-mq-io", daemon=True)
         self._thread.start()
 
@@ -95,8 +119,13 @@ class MQTransport:
         """Whether a TCP/IPC connection to the server is up right now (not liveness)."""
         return self._connected.is_set()
 
-    def submit(self, op: Op, *args: Any, timeout: float | None = None) -> Future:
-        """Queue one request; the future resolves to the decoded reply or a typed error."""
+    def submit(self, op: Op, *args: Any, timeout: float | None = None, wake: bool = True) -> Future:
+        """Queue one request; the future resolves to the decoded reply or a typed error.
+
+        ``wake=False`` leaves the request queued until the next :meth:`flush` (or any
+        waking submit): a caller issuing a burst, like the scheduler step, pays for one
+        I/O-thread wake-up instead of one per request (each wake-up hands the GIL over).
+        """
         frames_args = args
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         with self._lock:
@@ -108,14 +137,24 @@ class MQTransport:
                 )
             uid = next(self._uids)
             frames = encode_request(uid, op, frames_args)
-            pend = _Pending(frames[0], op, frames, deadline)
+            pend = _Pending(frames[0], op, frames, deadline,
+                            zero_copy=any(len(f) >= ZERO_COPY_MIN for f in frames))
             self._pending[pend.uid_frame] = pend
             self._outbox.append(pend)
             heapq.heappush(self._deadlines, (deadline, uid, pend))
             # Under the lock: close() closes the pipe under it too, so this can never
             # write into a recycled file descriptor.
-            self._wake()
+            if wake and not self._wake_pending:
+                self._wake_pending = True
+                self._wake()
         return pend.future
+
+    def flush(self) -> None:
+        """Wake the I/O thread for requests queued with ``wake=False``."""
+        with self._lock:
+            if self._outbox and not self._wake_pending and not self._closed:
+                self._wake_pending = True
+                self._wake()
 
     def call(self, op: Op, *args: Any, timeout: float | None = None) -> Any:
         """Submit and wait; raises ``KVConnTimeout``/``KVConnUnavailable``/``KVConnProtocolError``."""
@@ -148,9 +187,9 @@ class MQTransport:
 
     def _run(self) -> None:
         poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
-        poller.register(self._monitor, zmq.POLLIN)
-        poller.register(self._wake_r, zmq.POLLIN)
+        poller.register(self._sock, _POLLIN)
+        poller.register(self._monitor, _POLLIN)
+        poller.register(self._wake_r, _POLLIN)
         try:
             while not self._closed:
                 events = dict(poller.poll(self._poll_timeout_ms()))
@@ -178,9 +217,12 @@ class MQTransport:
         return max(1, min(1000, int((next_deadline - time.monotonic()) * 1000) + 1))
 
     def _drain_wake(self) -> None:
+        # Clear the flag before reading: a submit racing with us writes a new byte,
+        # which makes the next poll return at once.
+        self._wake_pending = False
+        # One read: anything left over just makes the next poll return at once.
         try:
-            while os.read(self._wake_r, 4096):
-                pass
+            os.read(self._wake_r, 65536)
         except (BlockingIOError, OSError):
             pass
 
@@ -195,29 +237,60 @@ class MQTransport:
                 self._connected.set()
             elif msg["event"] == zmq.EVENT_DISCONNECTED:
                 self._connected.clear()
+                self._fail_in_flight()
+
+    def _fail_in_flight(self) -> None:
+        """Fail every sent request now: its reply can never come.
+
+        A reconnected DEALER gets a new routing id, so the server (ROUTER_MANDATORY) drops
+        replies addressed to the old connection; waiting for the deadline (30 s for a
+        transfer) would only stall the caller. Requests not sent yet stay queued.
+        """
+        self._drain_replies()  # replies that made it before the connection broke still count
+        with self._lock:
+            lost = [p for p in self._pending.values() if p.sent]
+            for p in lost:
+                del self._pending[p.uid_frame]
+        for p in lost:
+            _fail(p.future, KVConnUnavailable(
+                f"connection to {self.url} lost with {p.op.name} in flight; outcome unknown"))
 
     def _flush_outbox(self) -> None:
         while True:
             with self._lock:
                 if not self._outbox:
                     return
-                p = self._outbox[0]
-            if not p.future.done():
-                try:
-                    self._sock.send_multipart(p.frames, flags=zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    return  # no connection yet (ZMQ_IMMEDIATE): retry on the next round
-                p.sent = True
-            with self._lock:
-                self._outbox.popleft()
+                p = self._outbox.popleft()
+            if p.future.done():
+                continue
+            try:
+                self._send(p)
+            except zmq.Again:
+                # No connection yet (ZMQ_IMMEDIATE): keep the order, retry next round.
+                # Only this thread pops, so putting it back in front is safe.
+                with self._lock:
+                    self._outbox.appendleft(p)
+                return
+            p.sent = True
+
+    def _send(self, p: _Pending) -> None:
+        """Send one request; raises ``zmq.Again`` (nothing sent) while no peer is up.
+
+        A multipart message is queued atomically once its first frame is accepted, so
+        only the first send can raise. Zero-copy only pays off for big frames (pickled
+        chunks); for small ones pyzmq's Frame objects cost more than the memcpy.
+        """
+        sock, copy, frames = self._sock, not p.zero_copy, p.frames
+        last = len(frames) - 1
+        for i, frame in enumerate(frames):
+            sock.send(frame, _SEND_MORE if i < last else _NOBLOCK, copy=copy)
 
     def _drain_replies(self) -> None:
-        while True:
-            try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._dispatch(frames)
+        # Ask for readiness instead of catching zmq.Again: raising costs more than a
+        # round trip's worth of Python work on every wake-up.
+        sock = self._sock
+        while sock.getsockopt(_EVENTS) & _POLLIN:
+            self._dispatch(sock.recv_multipart(_NOBLOCK))
 
     def _dispatch(self, frames: list[bytes]) -> None:
         if len(frames) < 2:
@@ -325,5 +398,5 @@ def normalize_url(url: str) -> str:
         url = "tcp://" + url
     scheme = url.split("://", 1)[0]
     if scheme not in ("tcp", "ipc", "inproc"):
-        raise ValueError(f"unsupported server URL scheme {scheme!r} in {url!r} (tcp, ipc)")
+        raise KVConnConfigError(f"unsupported server URL scheme {scheme!r} in {url!r} (tcp, ipc)")
     return url

@@ -62,6 +62,7 @@ class SchedulerAdapter:
             config.server_urls[0],
             control_timeout=config.control_timeout,
             transfer_timeout=config.transfer_timeout,
+            defer_wake=True,
         )
         self.chunk_size: int | None = None
         self._trackers: dict[str, RequestTracker] = {}
@@ -261,6 +262,7 @@ class SchedulerAdapter:
                 if spec is not None:
                     meta.stores.append(spec)
         self._drain_closing()
+        self.client.flush()  # one I/O wake-up per step for all lookups/queries/frees queued
         return meta
 
     def _plan_store(self, req_id: str, num_scheduled: int) -> TransferSpec | None:

@@ -1,0 +1,285 @@
+"""Shared test fixtures: a real LMCache server, a thread-leak guard, the ``cuda`` auto-skip.
+
+Sub-directory conftest files add their own fixtures; keep this one to what every
+directory needs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+# Telemetry off for every server and engine a test starts (also inherited by children).
+os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+SERVER_READY_TIMEOUT_S = float(os.environ.get("KVCONN_TEST_SERVER_READY_TIMEOUT", "120"))
+THREAD_PREFIX = "kvconn-"
+_names = itertools.count()
+
+
+# ---------------------------------------------------------------------------- pytest hooks
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    lines = []
+    try:
+        if importlib.util.find_spec("kvconn_plugin.ops") is not None:
+            import kvconn_plugin.ops as ops
+
+            info = ops.backend_info() if hasattr(ops, "backend_info") else {}
+            backend = info.get("backend") or getattr(ops, "BACKEND", None) or "unknown"
+            detail = ", ".join(f"{k}={info[k]}" for k in ("reason", "cpu_transfers",
+                                                          "cuda_transfers") if k in info)
+            build = info.get("build", {}).get("BUILD_TIME")
+            lines.append(f"kvconn_plugin.ops backend: {backend} ({detail or ops.__file__}"
+                         f"{', built ' + str(build) if build else ''})")
+    except Exception as exc:  # noqa: BLE001 - a broken ops build must not hide the test run
+        lines.append(f"kvconn_plugin.ops backend: import failed: {exc!r}")
+    return lines
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    cuda_items = [item for item in items if item.get_closest_marker("cuda") is not None]
+    if not cuda_items:
+        return
+    try:
+        import torch
+
+        has_gpu = bool(torch.cuda.is_available())
+    except Exception:  # noqa: BLE001 - no torch or no driver both mean "no GPU"
+        has_gpu = False
+    if has_gpu:
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (torch.cuda.is_available() is false)")
+    for item in cuda_items:
+        item.add_marker(skip)
+
+
+# ---------------------------------------------------------------------------- thread leaks
+
+
+def _kvconn_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name.startswith(THREAD_PREFIX)}
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_kvconn_threads() -> Iterator[None]:
+    """Fail a test that leaves a ``kvconn-*`` thread running (an unclosed client)."""
+    before = _kvconn_threads()
+    yield
+    deadline = time.monotonic() + 2.0  # closing threads get a moment to finish
+    leaked = _kvconn_threads() - before
+    while leaked and time.monotonic() < deadline:
+        time.sleep(0.02)
+        leaked = {t for t in leaked if t.is_alive()}
+    if leaked:
+        pytest.fail(f"test leaked threads: {sorted(t.name for t in leaked)}", pytrace=False)
+
+
+# ---------------------------------------------------------------------------- LMCache server
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago (the server binds it shortly after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _lmcache_command() -> list[str] | None:
+    script = Path(sys.executable).with_name("lmcache")
+    if script.exists():
+        return [str(script), "server"]
+    found = shutil.which("lmcache")
+    if found:
+        return [found, "server"]
+    if importlib.util.find_spec("lmcache") is not None:
+        return [sys.executable, "-m", "lmcache.v1.multiprocess.http_server"]
+    return None
+
+
+class LMCacheServer:
+    """One real ``lmcache server`` process on free ports.
+
+    Attributes:
+        url: ``tcp://127.0.0.1:<port>`` for our client.
+        shm_name: the ``--shm-name`` value, or ``""`` (pickle fallback).
+        pool_path: ``/dev/shm/lmcache_l1_pool_<shm_name>`` or ``None``.
+        process: the running ``subprocess.Popen`` (its own process group).
+        log_path: combined stdout/stderr of every start.
+    """
+
+    def __init__(self, *, shm: bool = True, chunk_size: int | None = None,
+                 transfer_mode: str | None = "auto", l1_size_gb: float = 1,
+                 extra_args: tuple[str, ...] = (), log_dir: Path):
+        cmd = _lmcache_command()
+        if cmd is None:
+            pytest.skip("lmcache is not installed (pip install kvconn-plugin[lmcache])")
+        self._cmd = cmd
+        tag = f"kvt{os.getpid()}x{next(_names)}x{uuid.uuid4().hex[:6]}"
+        self.shm_name = tag if shm else ""
+        self.pool_path = f"/dev/shm/lmcache_l1_pool_{tag}" if shm else None
+        self.chunk_size = chunk_size
+        self.host = "127.0.0.1"
+        self.port = 0
+        self.http_port = 0
+        self.url = ""
+        self.log_path = log_dir / f"lmcache-{tag}.log"
+        self.process: subprocess.Popen[bytes] | None = None
+        args = ["--l1-size-gb", str(l1_size_gb), "--eviction-policy", "LRU"]
+        if transfer_mode:
+            args += ["--supported-transfer-mode", transfer_mode]
+        if shm:
+            args += ["--shm-name", self.shm_name]
+        if chunk_size:
+            args += ["--chunk-size", str(chunk_size)]
+        self._args = args + list(extra_args)
+
+    # -- lifecycle
+
+    def start(self, *, new_ports: bool = True) -> LMCacheServer:
+        """Start and wait until a ``ping`` round trip succeeds; retries on port clashes."""
+        last: Exception | None = None
+        for _ in range(3):
+            if new_ports or not self.port:
+                self.port, self.http_port = free_port(), free_port()
+                self.url = f"tcp://{self.host}:{self.port}"
+            self._spawn()
+            try:
+                self.wait_ready()
+                return self
+            except _ServerExited as exc:
+                last = exc  # most likely a port taken by someone else meanwhile
+                if not new_ports:
+                    break
+        raise RuntimeError(f"LMCache server did not start: {last}; log: {self.log_path}")
+
+    def _spawn(self) -> None:
+        argv = [*self._cmd, "--host", self.host, "--port", str(self.port)]
+        if self._cmd[-1] == "server" or "http_server" in self._cmd[-1]:
+            argv += ["--http-host", self.host, "--http-port", str(self.http_port)]
+        argv += self._args
+        setpriv = shutil.which("setpriv")
+        if setpriv:
+            # If pytest itself is killed (CI timeout, SIGKILL), fixture teardown never runs;
+            # the parent-death signal still takes the 1+ GiB server down with it.
+            argv = [setpriv, "--pdeathsig", "TERM", "--", *argv]
+        env = dict(os.environ, LMCACHE_TRACK_USAGE="false", DO_NOT_TRACK="1",
+                   LMCACHE_DISABLE_BANNER="1", PYTHONUNBUFFERED="1")
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n==== {' '.join(argv)}\n".encode())
+            log.flush()
+            self.process = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                env=env, start_new_session=True,  # own process group: kill() gets children
+            )
+
+    def wait_ready(self, timeout: float = SERVER_READY_TIMEOUT_S) -> None:
+        """Bounded wait for a ``ping(None)`` round trip (ZMQ connects before the bind)."""
+        from kvconn_plugin.client import LMCacheClient
+        from kvconn_plugin.errors import KVConnError
+
+        deadline = time.monotonic() + timeout
+        with LMCacheClient(self.url, control_timeout=1.0) as client:
+            while True:
+                if self.process is None or self.process.poll() is not None:
+                    raise _ServerExited(f"exited with {self.process and self.process.returncode}:"
+                                        f"\n{self.log_tail()}")
+                try:
+                    client.ping(None, timeout=1.0)
+                    return
+                except KVConnError:
+                    pass
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise RuntimeError(f"no ping reply within {timeout:.0f}s:\n{self.log_tail()}")
+
+    def kill(self) -> None:
+        """Kill the whole process group (SIGTERM, then SIGKILL) and unlink the pool."""
+        proc, self.process = self.process, None
+        if proc is not None and proc.poll() is None:
+            for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+                try:
+                    os.killpg(proc.pid, sig)
+                except ProcessLookupError:
+                    break
+                try:
+                    proc.wait(timeout=grace)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+        if proc is not None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # stragglers left in the group
+            except (ProcessLookupError, PermissionError):
+                pass
+            proc.poll()
+        if self.pool_path:
+            try:
+                os.unlink(self.pool_path)
+            except FileNotFoundError:
+                pass
+
+    def restart(self) -> LMCacheServer:
+        """Kill and start again on the same address (same URL, a fresh, empty server)."""
+        self.kill()
+        return self.start(new_ports=False)
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no log)"
+
+    def __repr__(self) -> str:
+        return f"LMCacheServer({self.url}, shm={self.shm_name!r}, log={self.log_path})"
+
+
+class _ServerExited(RuntimeError):
+    pass
+
+
+@pytest.fixture(scope="session")
+def lmcache_server_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., LMCacheServer]]:
+    """Start real LMCache servers: ``factory(shm=True, chunk_size=None, transfer_mode="auto",
+    l1_size_gb=1, extra_args=())``. All are killed at the end of the session; their logs
+    are kept (and their paths printed) when any test failed."""
+    log_dir = Path(tempfile.mkdtemp(prefix="kvconn-lmcache-logs-"))
+    servers: list[LMCacheServer] = []
+
+    def start(**kwargs: object) -> LMCacheServer:
+        server = LMCacheServer(log_dir=log_dir, **kwargs)  # type: ignore[arg-type]
+        servers.append(server)
+        return server.start()
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.kill()
+        if request.session.testsfailed:
+            sys.stderr.write(f"\nLMCache server logs kept in {log_dir}\n")
+        else:
+            shutil.rmtree(log_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def lmcache_server(lmcache_server_factory: Callable[..., LMCacheServer]) -> LMCacheServer:
+    """The shared default server: engine-driven and lmcache-driven ops, SHM pool, 1 GiB L1,
+    chunk size 256. Tests that kill or restart a server must use the factory instead."""
+    return lmcache_server_factory()

@@ -1,0 +1,127 @@
+"""Failure semantics on the real vLLM CPU engine with a real LMCache server that the test
+kills (SIGKILL) and restarts while the engine keeps serving.
+
+The engine runs in a child script that steps through phases; the test drives the server
+between them through marker files. Every output must equal the no-connector baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from kvconn_plugin.tools.run_engine import DEFAULT_ENV, run_engine
+from kvconn_plugin.tools.tiny_model import PRESETS, write_tiny_llama
+from tests.helpers.engine import child_env
+
+pytestmark = [pytest.mark.engine, pytest.mark.lmcache_server]
+
+CHILD = textwrap.dedent('''
+    import json, os, sys, time
+    from pathlib import Path
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+    from vllm.inputs import TokensPrompt
+
+    def wait_for(path, timeout=180):
+        deadline = time.monotonic() + timeout
+        while not Path(path).exists():
+            if time.monotonic() > deadline:
+                raise SystemExit(f"timed out waiting for {path}")
+            time.sleep(0.2)
+
+    def main():
+        spec = json.loads(Path(sys.argv[1]).read_text())
+        d = Path(spec["dir"])
+        llm = LLM(model=spec["model"], dtype="bfloat16", max_model_len=4096, enforce_eager=True,
+                  seed=0, kv_transfer_config=KVTransferConfig(**spec["kvt"]))
+        sp = SamplingParams(temperature=0.0, max_tokens=8)
+        def gen(prompts):
+            outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
+            return [{"ids": list(o.outputs[0].token_ids), "cached": int(o.num_cached_tokens or 0)} for o in outs]
+        res = {"phase1": gen(spec["a"])}
+        (d / "phase1").touch(); wait_for(d / "killed")
+        res["phase2"] = gen(spec["a"] + spec["b"])          # server dead: no hang, same tokens
+        (d / "phase2").touch(); wait_for(d / "restarted")
+        time.sleep(spec["settle_s"])                         # heartbeat notices, re-registers
+        res["phase3_store"] = gen(spec["c"])
+        llm.reset_prefix_cache()                             # force the next hit to come from LMCache
+        res["phase3_hit"] = gen(spec["c"])
+        (d / "result.json").write_text(json.dumps(res))
+
+    if __name__ == "__main__":
+        main()
+''')
+
+
+def _prompts(seed: int, n: int = 2) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    prefix = [rng.randrange(10, 500) for _ in range(768)]
+    return [prefix + [rng.randrange(10, 500) for _ in range(30)] for _ in range(n)]
+
+
+def test_server_killed_and_restarted_midrun(lmcache_server_factory, tmp_path):
+    model = write_tiny_llama(tmp_path / "model", **PRESETS["small"])
+    server = lmcache_server_factory()
+    host, port = server.url.rsplit(":", 1)
+    a, b, c = _prompts(11), _prompts(12), _prompts(13)
+    kvt = {
+        "kv_connector": "KVConnPluginConnector", "kv_connector_module_path": "kvconn_plugin.connector",
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {
+            "lmcache.mp.host": host, "lmcache.mp.port": int(port), "lmcache.mp.autostart": False,
+            "lmcache.mp.heartbeat_interval": 1, "kvconn.transfer_timeout": 5,
+            "kvconn.lookup_timeout": 1,
+        },
+    }
+    spec = {"dir": str(tmp_path), "model": str(model), "kvt": kvt, "a": a, "b": b, "c": c, "settle_s": 4}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    (tmp_path / "child.py").write_text(CHILD)
+    baseline = run_engine(model, a + b + c, max_tokens=8, log_path=tmp_path / "base.log")
+    base_ids = [r["token_ids"] for r in baseline["results"]]
+    log = open(tmp_path / "child.log", "wb")
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "child.py"), str(tmp_path / "spec.json")],
+                            env=child_env(DEFAULT_ENV), stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        _wait(tmp_path / "phase1", proc)
+        os.killpg(server.process.pid, signal.SIGKILL)  # kill -9: no goodbye to anyone
+        server.kill()                                   # reap it and unlink its pool
+        (tmp_path / "killed").touch()
+        _wait(tmp_path / "phase2", proc)
+        server.restart()                   # same port, new SHM pool, no registrations
+        (tmp_path / "restarted").touch()
+        _wait(tmp_path / "result.json", proc)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    res = json.loads((tmp_path / "result.json").read_text())
+    assert [r["ids"] for r in res["phase1"]] == base_ids[:2]
+    assert [r["ids"] for r in res["phase2"]] == base_ids[:4]
+    assert [r["ids"] for r in res["phase3_store"]] == base_ids[4:]
+    assert [r["ids"] for r in res["phase3_hit"]] == base_ids[4:]
+    # After the restart the connector re-registered with the new server: hits are back.
+    assert res["phase3_hit"][0]["cached"] >= 768
+
+
+def _wait(path: Path, proc: subprocess.Popen, timeout: float = 400) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"engine script exited with {proc.returncode} before {path.name}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"engine script did not reach {path.name}")
+        time.sleep(0.2)
