@@ -12,6 +12,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -78,21 +79,31 @@ def _env(**extra: str) -> dict[str, str]:
     return {**DEFAULT_ENV, **extra}
 
 
-def _serve_and_complete(model: Path, args: list[str], env: dict, log: Path, prompt_ids: list[int]) -> list[dict]:
+def _serve_and_complete(model: Path, args: list[str], env: dict, log: Path, prompt_ids: list[int],
+                        metrics: list[str] | None = None) -> list[dict]:
     with start_vllm_serve(model, args, env=env, log_path=log) as base:
-        return [
+        out = [
             post_json(f"{base}/v1/completions", {"model": base.model, "prompt": prompt_ids,
                                                  "max_tokens": 4, "temperature": 0})
             for _ in range(2)
         ]
+        if metrics is not None:
+            with urllib.request.urlopen(f"{base}/metrics", timeout=30) as r:
+                metrics.append(r.read().decode())
+        return out
 
 
 def test_vllm_serve_with_kv_transfer_config(tiny_model, lmcache_server_factory, tmp_path):
     server = lmcache_server_factory()
     kvt = _kvt(server, **{"kvconn.impl": "builtin"})
     del kvt["kv_connector_module_path"]  # through the entry point's registration
+    scraped: list[str] = []
     out = _serve_and_complete(tiny_model, ["--kv-transfer-config", json.dumps(kvt)], _env(),
-                              tmp_path / "serve.log", _prompts(n=1, seed=3)[0])
+                              tmp_path / "serve.log", _prompts(n=1, seed=3)[0], metrics=scraped)
+    # Our Prometheus metrics are on vllm serve's /metrics.
+    for name in ("vllm:kvconn_hit_tokens_total", "vllm:kvconn_stored_bytes_total",
+                 "vllm:kvconn_degraded", "vllm:kvconn_lookup_latency_seconds_bucket"):
+        assert name in scraped[0], name
     assert all(r["choices"][0]["text"] is not None for r in out)
     assert out[0]["choices"][0]["text"] == out[1]["choices"][0]["text"]
     assert "kvconn: worker" in (tmp_path / "serve.log").read_text()
