@@ -17,7 +17,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from kvconn_plugin.client.api import LMCacheClient
-from kvconn_plugin.client.protocol import CacheKey
+from kvconn_plugin.client.protocol import CacheKey, Op
 from kvconn_plugin.config import KVConnConfig
 from kvconn_plugin.errors import KVConnError
 from kvconn_plugin.metadata import KVConnMetadata, TransferSpec
@@ -141,12 +141,18 @@ class SchedulerAdapter:
         tr.started_at = time.monotonic()
         tr.hit_chunks = 0
         try:
-            tr.lookup_future = self.client.lookup_async(
-                self._key(tr, 0, end, None), self.ranks.tp_size
-            )
+            fut = self.client.lookup_async(self._key(tr, 0, end, None), self.ranks.tp_size)
         except KVConnError as exc:
             tr.state = LookupState.FAILED
             self._health.report_failure(exc)
+            return
+        tr.lookup_future = fut
+        fut.add_done_callback(lambda f, tr=tr: tr.on_ack(f, self._query_now))
+
+    def _query_now(self, request_id: str):
+        # From the I/O thread's ack callback: wake it for this one (it is awake anyway).
+        return self.client.transport.submit(
+            Op.QUERY_PREFETCH_STATUS, request_id, timeout=self.client.control_timeout)
 
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         """Tokens beyond ``num_computed_tokens`` the cache can provide (EngineCore process).

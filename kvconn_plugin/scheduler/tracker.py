@@ -46,16 +46,22 @@ class RequestTracker:
     loading: bool = False          # a load was handed to the workers and not yet reported
     stored_end: int = 0            # tokens already stored (or known cached), chunk aligned
 
+    def on_ack(self, fut: Future, submit_query) -> None:
+        """LOOKUP acknowledged (runs on the client's I/O thread): ask for the result right
+        away instead of a scheduler step later. The only place the first QUERY is sent,
+        so it can never be sent twice (a second QUERY would consume the result)."""
+        if fut.cancelled() or fut.exception() is not None:
+            self.state = LookupState.FAILED
+            return
+        try:
+            self.query_future = submit_query(self.request_id)
+        except Exception:  # noqa: BLE001 - closed client: count as a miss
+            self.state = LookupState.FAILED
+            return
+        self.state = LookupState.QUERYING  # after query_future is set: readers check state
+
     def advance(self, submit_query) -> None:
         """Move the lookup along without waiting; ``submit_query(rid)`` returns a Future."""
-        if self.state is LookupState.WAIT_ACK and self.lookup_future is not None:
-            if not self.lookup_future.done():
-                return
-            if self.lookup_future.exception() is not None:
-                self.state = LookupState.FAILED
-                return
-            self.state = LookupState.QUERYING
-            self.query_future = submit_query(self.request_id)
         if self.state is LookupState.QUERYING and self.query_future is not None:
             if not self.query_future.done():
                 return
