@@ -106,9 +106,14 @@ class WorkerAdapter:
             stats=self.stats,
         )
         self.session.connect()
+        s = self.session
+        path = ("engine-driven SHM pool" if s.pool is not None else
+                "engine-driven pickled chunks" if s.healthy else "none yet (server unavailable)")
         logger.info(
-            "kvconn: worker %d registered %d layers (%s, kernels=%s) with %s",
-            self.ranks.worker_id, layout.num_layers, self.kv_split, ops.BACKEND, url,
+            "kvconn: worker %d ready: impl=builtin server=%s chunk=%s transfer=%s "
+            "kernels=%s layout=%s layers=%d",
+            self.ranks.worker_id, url, s.chunk_size, path, ops.BACKEND, self.kv_split,
+            layout.num_layers,
         )
 
     # ------------------------------------------------------------------ per step
