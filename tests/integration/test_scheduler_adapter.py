@@ -26,12 +26,12 @@ def server(lmcache_server_factory):
     return lmcache_server_factory()
 
 
-def _harness(server, **extra) -> SchedHarness:
+def _harness(server, budget: int = 2048, **extra) -> SchedHarness:
     host, port = server.url.rsplit(":", 1)
     cfg = {"lmcache.mp.host": host, "lmcache.mp.port": int(port), "lmcache.mp.autostart": False,
            "kvconn.lookup_timeout": 10, **extra}
     return SchedHarness.create(connector="KVConnPluginConnector", module_path="kvconn_plugin.connector",
-                               extra_config=cfg, max_model_len=4096, max_num_batched_tokens=2048)
+                               extra_config=cfg, max_model_len=4096, max_num_batched_tokens=budget)
 
 
 def _seed_server(server, model: str, tokens: list[int], salt: str = "") -> int:
@@ -172,5 +172,25 @@ def test_no_server_degrades_without_blocking(tmp_path):
         h.step()
         if not h.scheduler.has_requests():
             break
+    h.assert_empty()
+    h.connector.shutdown()
+
+
+def test_chunked_prefill_stores_each_chunk_once_as_it_completes(server):
+    h = _harness(server, budget=96)  # a 700-token prompt takes 8 prefill steps
+    toks = _tokens(700, 7)
+    h.add(h.request("chunked", toks))
+    seen = []
+    for _ in range(400):
+        so, _ = h.step()
+        req = h.scheduler.requests.get("chunked")
+        for spec in _meta(so).stores:
+            # Never ahead of what this step computes, always whole chunks, in order.
+            assert spec.end <= req.num_computed_tokens
+            seen.append((spec.start, spec.end))
+        if not h.scheduler.has_requests():
+            break
+        time.sleep(0.002)
+    assert seen == [(0, 256), (256, 512)]
     h.assert_empty()
     h.connector.shutdown()
