@@ -7,7 +7,6 @@ cache: every hit it reports came through LMCache.
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
 import sys
