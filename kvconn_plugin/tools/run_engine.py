@@ -75,13 +75,30 @@ def run_engine(
         return json.loads(out_path.read_text())
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
+def _kill_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
+    """Stop whatever is left of the engine's process group. SIGTERM first, with a grace
+    period: vLLM's EngineCore and workers unlink their /dev/shm queues on the way out,
+    and an immediate SIGKILL would leak them."""
     import signal
 
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
+    def alive() -> bool:
+        try:
+            os.killpg(proc.pid, 0)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+
+    if alive():
+        os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        while alive() and time.monotonic() < deadline:
+            proc.poll()
+            time.sleep(0.2)
+        if alive():
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     proc.wait()
 
 
