@@ -24,7 +24,7 @@ from pathlib import Path
 
 from kvconn_plugin.config import parse_config
 from kvconn_plugin.demo import make_prompts
-from kvconn_plugin.server.autostart import _free_port, maybe_autostart
+from kvconn_plugin.server.autostart import free_port, maybe_autostart
 from kvconn_plugin.tools.run_engine import run_engine
 from kvconn_plugin.tools.tiny_model import PRESETS, write_tiny_llama
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         base = run_engine(model, prompts, max_tokens=1, log_path=log)
         recompute = _median_ttft(base)
         rows.append(("recompute (no connector)", f"{recompute * 1e3:9.1f} ms   1.00x"))
-        port = _free_port()
+        port = free_port()
         server = maybe_autostart(parse_config({"lmcache.mp.autostart.server_args":
                                                "--l1-size-gb 2 --eviction-policy LRU"}),
                                  f"tcp://127.0.0.1:{port}")

@@ -33,7 +33,6 @@ import math
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -51,6 +50,7 @@ import torch  # noqa: E402
 import zmq  # noqa: E402
 
 from kvconn_plugin.client import CacheKey, LMCacheClient, RegisterEngineDrivenPayload  # noqa: E402
+from kvconn_plugin.server.autostart import free_port  # noqa: E402
 from kvconn_plugin.client import new_instance_id  # noqa: E402
 from kvconn_plugin.client.shm_pool import ShmPool  # noqa: E402
 
@@ -65,11 +65,6 @@ RESULTS = Path(__file__).resolve().parent / "results" / "bench_protocol.txt"
 
 # ---------------------------------------------------------------------------- server
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -102,7 +97,7 @@ def start_server(l1_size_gb: float) -> Server:
     exe = Path(sys.executable).with_name("lmcache")
     if not exe.exists():
         sys.exit("the lmcache CLI is not installed; pass --url/--shm-name of a running server")
-    port, http_port = _free_port(), _free_port()
+    port, http_port = free_port(), free_port()
     shm = f"kvbench{os.getpid()}x{uuid.uuid4().hex[:6]}"
     log = Path(tempfile.gettempdir()) / f"bench_protocol_{shm}.log"
     argv = [str(exe), "server", "--host", "127.0.0.1", "--port", str(port),

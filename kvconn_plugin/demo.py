@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 
 from kvconn_plugin.config import parse_config
-from kvconn_plugin.server.autostart import _free_port, maybe_autostart
+from kvconn_plugin.server.autostart import free_port, maybe_autostart
 from kvconn_plugin.tools.run_engine import run_engine
 from kvconn_plugin.tools.tiny_model import PRESETS, write_tiny_llama
 
@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
         model = write_tiny_llama(Path(tmp) / "model", **PRESETS[args.preset])
         vocab = PRESETS[args.preset]["vocab_size"]
         prompts = make_prompts(args.prompts, args.prefix_tokens, 48, vocab)
-        port = _free_port()
+        port = free_port()
         extra = {
             "lmcache.mp.host": "tcp://127.0.0.1",
             "lmcache.mp.port": port,

@@ -223,7 +223,7 @@ class SchedulerAdapter:
         tr.load_from = start
         tr.loading = True
         tr.stored_end = max(tr.stored_end, end)  # these chunks are on the server already
-        tr.pending_load = TransferSpec(
+        self._pending_loads.append(TransferSpec(
             request_id=tr.request_id,
             token_ids=tuple(request.all_token_ids[:end]),
             start=start,
@@ -231,8 +231,7 @@ class SchedulerAdapter:
             block_ids=tuple(block_ids[first:last]),
             cache_salt=tr.cache_salt,
             skip_blocks=(computed - start) // self.block_size,
-        )
-        self._pending_loads.append(tr.pending_load)
+        ))
         self.stats.record("hit_tokens", num_external_tokens)
         self._release_locks(tr)
 

@@ -14,7 +14,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvconn_plugin.metadata import TransferSpec
 
 
 class LookupState(enum.Enum):
@@ -42,7 +41,6 @@ class RequestTracker:
     # None until vLLM allocated (or finished) the request; then the first token we load
     # from, or -1 when nothing is loaded. Decides which locks to free.
     load_from: int | None = None
-    pending_load: TransferSpec | None = None
     loading: bool = False          # a load was handed to the workers and not yet reported
     stored_end: int = 0            # tokens already stored (or known cached), chunk aligned
 

@@ -100,7 +100,7 @@ def _server_args(config: KVConnConfig) -> list[str]:
     return args
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -122,7 +122,7 @@ def _launch(config: KVConnConfig, host: str, port: int, url: str) -> Autostarted
     cmd = [
         sys.executable, "-m", "lmcache.v1.multiprocess.http_server",
         "--host", bind_host, "--port", str(port),
-        "--http-host", "127.0.0.1", "--http-port", str(_free_port()),
+        "--http-host", "127.0.0.1", "--http-port", str(free_port()),
         "--supported-transfer-mode", "auto", "--shm-name", shm_name,
         *_server_args(config),
     ]
