@@ -22,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from _report import save  # sibling module (benchmarks run as scripts)
 from kvconn_plugin.config import parse_config
 from kvconn_plugin.demo import make_prompts
 from kvconn_plugin.server.autostart import free_port, maybe_autostart
@@ -98,11 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if "builtin" in hits and "lmcache" in hits:
         lines.append(f"ours / lmcache hit TTFT: {hits['builtin'] / hits['lmcache']:.2f} (<= 1.00 means ours is not slower)")
     lines.append(f"(total {time.time() - t_start:.0f}s)")
-    text = "\n".join(lines)
-    print(text)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
+    save(args.out, "\n".join(lines))
     return 0
 
 

@@ -49,6 +49,7 @@ os.environ.setdefault("LMCACHE_DISABLE_BANNER", "1")
 import torch  # noqa: E402
 import zmq  # noqa: E402
 
+from _report import save  # noqa: E402 - sibling module (benchmarks run as scripts)
 from kvconn_plugin.client import CacheKey, LMCacheClient, RegisterEngineDrivenPayload  # noqa: E402
 from kvconn_plugin.server.autostart import free_port  # noqa: E402
 from kvconn_plugin.client import new_instance_id  # noqa: E402
@@ -491,10 +492,7 @@ def main() -> None:
               f"{len(stats['ours'].ping)}, lookups {len(stats['ours'].lookup)}, store/retrieve "
               f"ops {len(stats['ours'].store_s)} per client\n{versions()}")
     out = f"{header}\n\n{table(stats, wl)}\n(total {time.monotonic() - t_start:.0f}s)\n"
-    print(out)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(out)
-    print(f"written to {RESULTS}")
+    save(RESULTS, out)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Typed calls of the LMCache MP server, one method per operation we use.
 
-Blocking methods wait at most their timeout; ``*_async`` methods return a ``Future`` and
+Blocking methods wait at most their timeout; ``*_async`` methods return a ``ReplyFuture`` and
 never block, for the scheduler step. Control calls default to a short timeout (seconds);
 transfers get their own, longer one.
 """
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import time
 import uuid
-from concurrent.futures import Future
 
 from kvconn_plugin.client.protocol import (
     BlockAllocationRecord,
@@ -20,6 +19,7 @@ from kvconn_plugin.client.protocol import (
     RegisterEngineDrivenPayload,
     RegisterEngineDrivenReply,
 )
+from kvconn_plugin.client.reply_future import ReplyFuture
 from kvconn_plugin.client.transport import MQTransport, wait
 from kvconn_plugin.errors import KVConnProtocolError, KVConnTimeout
 
@@ -88,7 +88,7 @@ class LMCacheClient:
             raise KVConnProtocolError(f"ping returned {ok!r}")
         return True
 
-    def ping_async(self, instance_id: int | None = None, timeout: float | None = None) -> Future:
+    def ping_async(self, instance_id: int | None = None, timeout: float | None = None) -> ReplyFuture:
         return self.transport.submit(Op.PING, instance_id, timeout=timeout or self.control_timeout, wake=self._wake)
 
     def clear(self, force: bool = False) -> None:
@@ -96,11 +96,11 @@ class LMCacheClient:
 
     # ------------------------------------------------------------------ scheduler side
 
-    def lookup_async(self, key: CacheKey, tp_size: int = 1, timeout: float | None = None) -> Future:
+    def lookup_async(self, key: CacheKey, tp_size: int = 1, timeout: float | None = None) -> ReplyFuture:
         """Send LOOKUP; the future resolves (to ``None``) when the server acknowledged it."""
         return self.transport.submit(Op.LOOKUP, key, tp_size, timeout=timeout or self.control_timeout, wake=self._wake)
 
-    def query_prefetch_status_async(self, request_id: str, timeout: float | None = None) -> Future:
+    def query_prefetch_status_async(self, request_id: str, timeout: float | None = None) -> ReplyFuture:
         """Future of the hit count in chunks, or ``None`` while the server still prefetches.
 
         The server reports a result exactly once; a second query answers 0.
@@ -110,15 +110,15 @@ class LMCacheClient:
             wake=self._wake,
         )
 
-    def free_lookup_locks_async(self, key: CacheKey, tp_size: int = 1) -> Future:
+    def free_lookup_locks_async(self, key: CacheKey, tp_size: int = 1) -> ReplyFuture:
         return self.transport.submit(Op.FREE_LOOKUP_LOCKS, key, tp_size, timeout=self.control_timeout, wake=self._wake)
 
-    def end_session_async(self, request_id: str) -> Future:
+    def end_session_async(self, request_id: str) -> ReplyFuture:
         return self.transport.submit(Op.END_SESSION, request_id, timeout=self.control_timeout, wake=self._wake)
 
     def report_block_allocation_async(
         self, instance_id: int, model_name: str, records: list[BlockAllocationRecord]
-    ) -> Future:
+    ) -> ReplyFuture:
         return self.transport.submit(
             Op.REPORT_BLOCK_ALLOCATION, instance_id, model_name, records, timeout=self.control_timeout
         )

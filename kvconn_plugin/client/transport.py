@@ -1,7 +1,7 @@
 """One ZeroMQ DEALER connection to an LMCache server, driven by a private I/O thread.
 
 Why a thread: the scheduler must never block on the network, and ZeroMQ sockets may not be
-used from two threads at once. Callers enqueue requests and get a ``Future``; the I/O thread
+used from two threads at once. Callers enqueue requests and get a ``ReplyFuture``; the I/O thread
 owns the socket, sends, matches replies by uid (the server answers out of order) and
 expires deadlines so that an unanswered request never leaks.
 
@@ -19,14 +19,13 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 import zmq.utils.monitor
 
 from kvconn_plugin.client.protocol import Op, decode_reply, encode_request
+from kvconn_plugin.client.reply_future import ReplyFuture
 from kvconn_plugin.errors import (
     KVConnClosed,
     KVConnConfigError,
@@ -47,15 +46,20 @@ _EVENTS = int(zmq.EVENTS)
 ZERO_COPY_MIN = 65536  # pyzmq's own copy threshold
 
 
-@dataclass(eq=False)
 class _Pending:
-    uid_frame: bytes
-    op: Op
-    frames: list[bytes]
-    deadline: float
-    future: Future = field(default_factory=Future)
-    sent: bool = False
-    zero_copy: bool = False
+    """One request from submit to its reply (slotted: built once per call on hot paths)."""
+
+    __slots__ = ("uid_frame", "op", "frames", "deadline", "future", "sent", "zero_copy")
+
+    def __init__(self, uid_frame: bytes, op: Op, frames: list[bytes], deadline: float,
+                 zero_copy: bool = False):
+        self.uid_frame = uid_frame
+        self.op = op
+        self.frames = frames
+        self.deadline = deadline
+        self.future = ReplyFuture()
+        self.sent = False
+        self.zero_copy = zero_copy
 
 
 class MQTransport:
@@ -119,7 +123,7 @@ class MQTransport:
         """Whether a TCP/IPC connection to the server is up right now (not liveness)."""
         return self._connected.is_set()
 
-    def submit(self, op: Op, *args: Any, timeout: float | None = None, wake: bool = True) -> Future:
+    def submit(self, op: Op, *args: Any, timeout: float | None = None, wake: bool = True) -> ReplyFuture:
         """Queue one request; the future resolves to the decoded reply or a typed error.
 
         ``wake=False`` leaves the request queued until the next :meth:`flush` (or any
@@ -369,7 +373,7 @@ class MQTransport:
                 pass
 
 
-def wait(fut: Future, op: Op, timeout: float) -> Any:
+def wait(fut: ReplyFuture, op: Op, timeout: float) -> Any:
     """Wait for a future from :meth:`MQTransport.submit`, mapping a local wait timeout too."""
     try:
         # The I/O thread fails the future at its deadline; the extra margin only guards
@@ -381,14 +385,12 @@ def wait(fut: Future, op: Op, timeout: float) -> Any:
         raise KVConnTimeout(f"{op.name}: no reply within {timeout:.1f}s") from None
 
 
-def _resolve(fut: Future, value: Any) -> None:
-    if fut.set_running_or_notify_cancel():
-        fut.set_result(value)
+def _resolve(fut: ReplyFuture, value: Any) -> None:
+    fut.set_result(value)
 
 
-def _fail(fut: Future, exc: BaseException) -> None:
-    if fut.set_running_or_notify_cancel():
-        fut.set_exception(exc)
+def _fail(fut: ReplyFuture, exc: BaseException) -> None:
+    fut.set_exception(exc)
 
 
 def normalize_url(url: str) -> str:

@@ -36,6 +36,12 @@ _warn = RateLimitedLog(logger, interval=30.0)
 DRAIN_TIMEOUT = 30.0
 
 
+def _prefix(token_ids: Any, n: int) -> list[int]:
+    # vLLM's ConstantList slices to a fresh list already; copy only other sequences.
+    out = token_ids[:n]
+    return out if type(out) is list else list(out)
+
+
 class SchedulerAdapter:
     """Args:
         config: validated connector config.
@@ -114,7 +120,7 @@ class SchedulerAdapter:
             model_name=self.model_name,
             world_size=self.ranks.world_size,
             worker_id=worker_id,
-            token_ids=list(tr.request.all_token_ids[: max(end, tr.lookup_end)]),
+            token_ids=_prefix(tr.request.all_token_ids, max(end, tr.lookup_end)),
             start=start,
             end=end,
             request_id=tr.request_id,
@@ -223,6 +229,7 @@ class SchedulerAdapter:
         tr.load_from = start
         tr.loading = True
         tr.stored_end = max(tr.stored_end, end)  # these chunks are on the server already
+        tr.store_countdown = 0  # the load moves computed tokens: check exactly next time
         self._pending_loads.append(TransferSpec(
             request_id=tr.request_id,
             token_ids=tuple(request.all_token_ids[:end]),
@@ -261,39 +268,67 @@ class SchedulerAdapter:
         for tr in (self._trackers.get(r) for r in scheduler_output.preempted_req_ids or ()):
             if tr is not None:
                 self._reset_for_resume(tr)
-        if self.config.store and self.healthy:
+        if self.config.store and self.healthy and self._kv_cache_manager is not None:
+            # Runs for every scheduled request each step: most are decoding and nowhere
+            # near their next chunk boundary, so the common case is one comparison.
+            get = self._trackers.get
             for req_id, n in scheduler_output.num_scheduled_tokens.items():
-                spec = self._plan_store(req_id, n)
+                tr = get(req_id)
+                if tr is None:
+                    continue
+                # Tokens scheduled since the last exact check. Computed tokens grow by at
+                # most n (rejected speculative tokens make it less), so this reaches 0 at or
+                # before the next chunk boundary, never after it.
+                left = tr.store_countdown - n
+                if left > 0:
+                    tr.store_countdown = left
+                    continue
+                spec = self._plan_store(tr, n)
                 if spec is not None:
                     meta.stores.append(spec)
         self._drain_closing()
         self.client.flush()  # one I/O wake-up per step for all lookups/queries/frees queued
         return meta
 
-    def _plan_store(self, req_id: str, num_scheduled: int) -> TransferSpec | None:
-        tr = self._trackers.get(req_id)
-        if tr is None or self._kv_cache_manager is None:
-            return None
+    def _plan_store(self, tr: RequestTracker, num_scheduled: int) -> TransferSpec | None:
         chunk = self.chunk_size or 1
         req = tr.request
         computed_after = min(req.num_computed_tokens + num_scheduled, req.num_tokens)
         end = computed_after // chunk * chunk
+        tr.store_countdown = max(end, tr.stored_end) + chunk - computed_after
         if end <= tr.stored_end:
             return None
         start = tr.stored_end
-        block_ids = self._kv_cache_manager.get_block_ids(req_id)[0]
         first, last = start // self.block_size, end // self.block_size
-        if last > len(block_ids):
+        block_ids = self._block_ids(tr.request_id, first, last)
+        if block_ids is None:
+            tr.store_countdown = 0
             return None
         tr.stored_end = end
         return TransferSpec(
-            request_id=req_id,
+            request_id=tr.request_id,
             token_ids=tuple(req.all_token_ids[:end]),
             start=start,
             end=end,
-            block_ids=tuple(block_ids[first:last]),
+            block_ids=block_ids,
             cache_salt=tr.cache_salt,
         )
+
+    def _block_ids(self, req_id: str, first: int, last: int) -> tuple[int, ...] | None:
+        """Ids of the request's blocks ``[first, last)``, or None if it has fewer.
+
+        Reads only that slice: ``get_block_ids`` would list every block of the request on
+        each store (a long prompt has hundreds at block size 16).
+        """
+        manager = self._kv_cache_manager
+        get_blocks = getattr(manager, "get_blocks", None)
+        if get_blocks is not None:
+            blocks = get_blocks(req_id).blocks[0]
+            if last > len(blocks):
+                return None
+            return tuple(b.block_id for b in blocks[first:last])
+        ids = manager.get_block_ids(req_id)[0]
+        return tuple(ids[first:last]) if last <= len(ids) else None
 
     def _reset_for_resume(self, tr: RequestTracker) -> None:
         """A preempted request lost its blocks; it is looked up afresh when it resumes."""
@@ -329,29 +364,45 @@ class SchedulerAdapter:
         hold = tr.loading
         if tr.load_from is None:
             tr.load_from = -1
-        self._release_locks(tr)
-        self._closing[tr.request_id] = (tr, time.monotonic() + DRAIN_TIMEOUT)
-        self._drain_closing()
+        if not self._settle(tr, final=True):
+            self._closing[tr.request_id] = (tr, time.monotonic() + DRAIN_TIMEOUT)
         return hold, None
 
+    def _settle(self, tr: RequestTracker, final: bool) -> bool:
+        """Free what a finished (``final``) or superseded lookup still holds; True when done.
+
+        Not done while the lookup result is still unknown: the server may yet lock chunks
+        for it, so it is retried each step until its deadline.
+        """
+        tr.advance(self.client.query_prefetch_status_async)
+        self._release_locks(tr)
+        if not tr.locks_settled:
+            return False
+        if final:
+            self._end_session(tr)
+        return True
+
+    def _end_session(self, tr: RequestTracker) -> None:
+        if tr.state is LookupState.IDLE:
+            return  # never looked up: the server has no session for it
+        try:
+            self.client.end_session_async(tr.request_id)
+        except KVConnError:
+            pass
+
     def _drain_closing(self) -> None:
-        """End sessions of finished requests once their lookup result is in (or given up)."""
+        """Retry finished requests whose lookup result was still unknown (once per step)."""
         if not self._closing:
             return
         now = time.monotonic()
         for key, (tr, deadline) in list(self._closing.items()):
-            tr.advance(self.client.query_prefetch_status_async)
-            self._release_locks(tr)
-            if not tr.locks_settled and now < deadline:
-                continue
-            del self._closing[key]
-            if "#pre" in key:
-                continue  # a preempted request's earlier lookup: the session lives on
-            if tr.state is not LookupState.IDLE:
-                try:
-                    self.client.end_session_async(tr.request_id)
-                except KVConnError:
-                    pass
+            final = "#pre" not in key  # a preempted request's old lookup: the session lives on
+            if self._settle(tr, final):
+                del self._closing[key]
+            elif now >= deadline:
+                del self._closing[key]  # given up: the server's lock TTL frees the rest
+                if final:
+                    self._end_session(tr)
 
     def get_stats(self) -> KVConnStats | None:
         return self.stats.take()

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import enum
 import time
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
+
+from kvconn_plugin.client.reply_future import ReplyFuture
 
 
 
@@ -24,15 +25,15 @@ class LookupState(enum.Enum):
     FAILED = "failed"        # error or timeout: counts as a miss
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class RequestTracker:
     request_id: str
     request: Any  # vllm Request; kept for token ids and progress
     cache_salt: str
     state: LookupState = LookupState.IDLE
     lookup_end: int = 0            # tokens covered by the LOOKUP key
-    lookup_future: Future | None = None
-    query_future: Future | None = None
+    lookup_future: ReplyFuture | None = None
+    query_future: ReplyFuture | None = None
     started_at: float = field(default_factory=time.monotonic)
     hit_chunks: int = 0
     # Read locks on [0, locked_end) are ours until loaded, freed, or the server's TTL.
@@ -43,8 +44,10 @@ class RequestTracker:
     load_from: int | None = None
     loading: bool = False          # a load was handed to the workers and not yet reported
     stored_end: int = 0            # tokens already stored (or known cached), chunk aligned
+    # Scheduled tokens until the next store check; 0 means check exactly at the next step.
+    store_countdown: int = 0
 
-    def on_ack(self, fut: Future, submit_query) -> None:
+    def on_ack(self, fut: ReplyFuture, submit_query) -> None:
         """LOOKUP acknowledged (runs on the client's I/O thread): ask for the result right
         away instead of a scheduler step later. The only place the first QUERY is sent,
         so it can never be sent twice (a second QUERY would consume the result)."""
@@ -59,7 +62,7 @@ class RequestTracker:
         self.state = LookupState.QUERYING  # after query_future is set: readers check state
 
     def advance(self, submit_query) -> None:
-        """Move the lookup along without waiting; ``submit_query(rid)`` returns a Future."""
+        """Move the lookup along without waiting; ``submit_query(rid)`` returns a ReplyFuture."""
         if self.state is LookupState.QUERYING and self.query_future is not None:
             if not self.query_future.done():
                 return

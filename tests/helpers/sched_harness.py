@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,15 +226,19 @@ def step(
     failed_recving: Iterable[str] | None = None,
     token_id: int = SAMPLED_TOKEN_ID,
     eos_for: Iterable[str] = (),
+    forward_s: float = 0.0,
 ) -> tuple[SchedulerOutput, dict]:
     """One engine step: ``schedule()`` then ``update_from_output()`` with a fake model output.
 
     Every scheduled request whose prompt is fully computed after this step "samples"
     ``token_id`` (``EOS_TOKEN_ID`` for ids in ``eos_for``); partial prefill chunks sample
     nothing. The ``KVConnectorOutput`` carries what the workers would report this step.
+    ``forward_s`` sleeps between the two, standing in for the model's forward pass.
     Returns ``(scheduler_output, engine_core_outputs)``.
     """
     so = scheduler.schedule()
+    if forward_s > 0:
+        time.sleep(forward_s)
     eos_for = set(eos_for)
     req_ids = list(so.num_scheduled_tokens)
     sampled: list[list[int]] = []

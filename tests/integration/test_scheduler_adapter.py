@@ -11,14 +11,11 @@ import time
 
 import pytest
 
-from kvconn_plugin.client.api import LMCacheClient, new_instance_id
-from kvconn_plugin.client.protocol import CacheKey, RegisterEngineDrivenPayload
-from kvconn_plugin.client.shm_pool import ShmPool
 from kvconn_plugin.metadata import KVConnMetadata
 from tests.helpers.sched_harness import SchedHarness
+from tests.helpers.seed import seed_server
 
 pytestmark = pytest.mark.lmcache_server
-CHUNK = 256
 
 
 @pytest.fixture(scope="module")
@@ -35,22 +32,7 @@ def _harness(server, budget: int = 2048, **extra) -> SchedHarness:
 
 
 def _seed_server(server, model: str, tokens: list[int], salt: str = "") -> int:
-    """Store whole chunks of ``tokens`` as an engine-driven worker would."""
-    with LMCacheClient(server.url) as c:
-        iid = new_instance_id()
-        reply = c.register_engine_driven(RegisterEngineDrivenPayload(
-            instance_id=iid, model_name=model, world_size=1, block_size=16, num_layers=2,
-            hidden_dim_size=128, dtype_str="bfloat16", use_mla=False, num_physical_slots=CHUNK))
-        end = len(tokens) // CHUNK * CHUNK
-        key = CacheKey(model_name=model, world_size=1, worker_id=0, token_ids=tokens, start=0, end=end,
-                       request_id=f"seed-{iid}", cache_salt=salt)
-        ctx = c.prepare_store(key, iid).context
-        with ShmPool(reply.shm_name, reply.pool_size) as pool:
-            for slot in ctx.slots:
-                pool.slot_view(slot, (2, 2, CHUNK, 128), "bfloat16").fill_(7)
-            assert c.commit_store(key, iid, b"")
-        c.end_session(f"seed-{iid}")
-    return iid
+    return seed_server(server.url, model, tokens, salt)
 
 
 def _step_until(h: SchedHarness, pred, max_steps: int = 400, **kw):

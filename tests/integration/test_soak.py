@@ -22,7 +22,7 @@ from vllm.v1.request import RequestStatus
 from kvconn_plugin.client.api import LMCacheClient
 from kvconn_plugin.client.protocol import CacheKey
 from tests.helpers.sched_harness import SchedHarness
-from tests.integration.test_scheduler_adapter import _seed_server
+from tests.helpers.seed import seed_server
 
 pytestmark = pytest.mark.lmcache_server
 
@@ -92,7 +92,7 @@ def test_soak_10k_requests_no_leaks(lmcache_server_factory):
     prefixes = [[rng.randrange(10, 500) for _ in range(2 * CHUNK)] for _ in range(8)]
     iid = None
     for p in prefixes[:6]:  # most prefixes are cached on the server: hits and loads
-        iid = _seed_server(server, model, p + [7])
+        iid = seed_server(server.url, model, p + [7])
     worker = FakeWorker(server, model, iid)
     recving: set[str] = set()
     live: list[str] = []
