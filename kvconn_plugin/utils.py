@@ -37,3 +37,43 @@ class RateLimitedLog:
             msg += " (%d similar messages suppressed)"
             args = (*args, dropped)
         self._logger.log(level, msg, *args)
+
+
+class PeriodicTask:
+    """Run ``fn`` on a daemon thread every ``interval`` seconds, or sooner after :meth:`poke`.
+
+    Used for the server health checks on both sides; ``fn`` must bound its own waits (it
+    gets ``interval`` as its deadline by convention) and must not raise.
+    """
+
+    def __init__(self, name: str, interval: float, fn):
+        self.interval = interval
+        self._fn = fn
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def poke(self) -> None:
+        """Run as soon as possible (e.g. right after a call failed)."""
+        self._wake.set()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout=timeout)
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            self._fn()

@@ -12,7 +12,6 @@ thread copies), so a full-prompt hit never reaches the synchronous-load assert.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +23,7 @@ from kvconn_plugin.metadata import KVConnMetadata, TransferSpec
 from kvconn_plugin.parallel import KVRanks
 from kvconn_plugin.scheduler.tracker import LookupState, RequestTracker
 from kvconn_plugin.stats import KVConnStats
-from kvconn_plugin.utils import RateLimitedLog
+from kvconn_plugin.utils import PeriodicTask, RateLimitedLog
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -424,25 +423,20 @@ class _ServerHealth:
     def __init__(self, owner: SchedulerAdapter, interval: float):
         self._owner = owner
         self._interval = interval
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="kvconn-sched-health", daemon=True)
+        self._task = PeriodicTask("kvconn-sched-health", interval, self._tick)
         self.healthy = False
         self.disabled_reason: str | None = None
 
     def start(self) -> None:
-        self._thread.start()
+        self._task.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
+        self._task.stop()
 
     def report_failure(self, exc: Exception) -> None:
         if self.healthy:
             _warn.warning("server-down", "kvconn: LMCache server call failed (%s); checking it", exc)
-        self._wake.set()
+        self._task.poke()
 
     def check_now(self, wait: float) -> None:
         owner = self._owner
@@ -476,10 +470,6 @@ class _ServerHealth:
         self.healthy = False
         self._owner.stats.set_degraded(True)
 
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._wake.wait(self._interval)
-            self._wake.clear()
-            if self._stop.is_set() or self.disabled_reason is not None:
-                continue
+    def _tick(self) -> None:
+        if self.disabled_reason is None:
             self.check_now(wait=self._interval)

@@ -24,7 +24,7 @@ from kvconn_plugin.errors import KVConnError, KVConnProtocolError, KVConnUnavail
 from kvconn_plugin.metadata import TransferSpec
 from kvconn_plugin.parallel import KVRanks
 from kvconn_plugin.stats import KVConnStats
-from kvconn_plugin.utils import RateLimitedLog
+from kvconn_plugin.utils import PeriodicTask, RateLimitedLog
 
 logger = logging.getLogger(__name__)
 _warn = RateLimitedLog(logger, interval=30.0)
@@ -66,10 +66,8 @@ class ServerSession:
         # Store (engine thread) and load (load thread) may overlap; their copies share the
         # transfer object and its stream, so only the copy sections are serialized.
         self._xfer_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._heartbeat, name="kvconn-worker-health",
-                                        daemon=True)
+        self._heartbeat_task = PeriodicTask("kvconn-worker-health", config.heartbeat_interval,
+                                            self._heartbeat)
 
     # ------------------------------------------------------------------ registration
 
@@ -86,7 +84,7 @@ class ServerSession:
                 ) from exc
             logger.warning("kvconn: no usable LMCache server at %s (%s); serving without the "
                            "cache and retrying in the background", self.client.url, exc)
-        self._thread.start()
+        self._heartbeat_task.start()
 
     def _register(self, wait: float) -> None:
         with self._reg_lock:
@@ -155,24 +153,23 @@ class ServerSession:
     # ------------------------------------------------------------------ heartbeat
 
     def _heartbeat(self) -> None:
+        """Ping while registered; re-register after an outage (a restarted server has a new
+        pool). A disabled session stays off."""
+        if self.disabled_reason is not None:
+            return
         interval = self.config.heartbeat_interval
-        while not self._stop.is_set():
-            self._wake.wait(interval)
-            self._wake.clear()
-            if self._stop.is_set() or self.disabled_reason is not None:
-                continue
-            try:
-                if self.healthy:
-                    self.client.ping(self.instance_id, timeout=interval)
-                else:
-                    self._register(wait=interval)
-                    logger.info("kvconn: re-registered with LMCache server at %s", self.client.url)
-            except KVConnError as exc:
-                if self.healthy:
-                    _warn.warning("down", "kvconn: LMCache server at %s stopped answering (%s); "
-                                  "serving without the cache", self.client.url, exc)
-                self.healthy = False
-                self.stats.set_degraded(True)
+        try:
+            if self.healthy:
+                self.client.ping(self.instance_id, timeout=interval)
+            else:
+                self._register(wait=interval)
+                logger.info("kvconn: re-registered with LMCache server at %s", self.client.url)
+        except KVConnError as exc:
+            if self.healthy:
+                _warn.warning("down", "kvconn: LMCache server at %s stopped answering (%s); "
+                              "serving without the cache", self.client.url, exc)
+            self.healthy = False
+            self.stats.set_degraded(True)
 
     def _failed(self, exc: Exception) -> None:
         """A transfer call failed: let the heartbeat check the server right away."""
@@ -180,7 +177,7 @@ class ServerSession:
         if isinstance(exc, KVConnUnavailable) or "no reply" in str(exc):
             self.healthy = False
             self.stats.set_degraded(True)
-        self._wake.set()
+        self._heartbeat_task.poke()
 
     # ------------------------------------------------------------------ transfers
 
@@ -327,10 +324,7 @@ class ServerSession:
     # ------------------------------------------------------------------ shutdown
 
     def close(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout=5)
+        self._heartbeat_task.stop()
         with self._reg_lock:
             if self.healthy:
                 try:
