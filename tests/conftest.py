@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import itertools
 import os
+import re
 import shutil
 import signal
 import socket
@@ -89,6 +90,96 @@ def _no_leaked_kvconn_threads() -> Iterator[None]:
         leaked = {t for t in leaked if t.is_alive()}
     if leaked:
         pytest.fail(f"test leaked threads: {sorted(t.name for t in leaked)}", pytrace=False)
+
+
+# ---------------------------------------------------------------------------- /dev/shm leaks
+
+SHM_DIR = Path("/dev/shm")
+# Python shared_memory (vLLM's message queues), multiprocessing semaphores, LMCache pools,
+# our autostarted servers' pools, torch tensor sharing.
+SHM_PREFIXES = ("psm_", "sem.mp-", "mp-", "lmcache", "kvconn", "vllm", "torch_")
+SHM_GRACE_S = 5.0  # exiting processes unlink their segments on the way out
+
+
+def _shm_entries() -> set[str]:
+    try:
+        return {n for n in os.listdir(SHM_DIR) if n.startswith(SHM_PREFIXES)}
+    except OSError:  # no /dev/shm (not Linux): nothing to check
+        return set()
+
+
+def _shm_in_use(names: set[str]) -> set[str]:
+    """The subset of ``names`` some live process still maps or holds open (a running
+    server's pool, a wider-scoped fixture's engine, another test run's queues): not leaks."""
+    paths = {str(SHM_DIR / n): n for n in names}
+    used: set[str] = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/maps", errors="replace") as f:
+                for line in f:
+                    _, sep, rest = line.rstrip("\n").partition("/dev/shm/")
+                    if sep and sep + rest in paths:
+                        used.add(paths[sep + rest])
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target in paths:
+                    used.add(paths[target])
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+        if used == names:
+            break
+    return used
+
+
+def _leaked_shm(before: set[str]) -> list[str]:
+    """Entries that appeared since ``before``, are ours (our uid; an LMCache pool of another
+    pytest's fixtures is skipped), and no live process holds, after ``SHM_GRACE_S``."""
+
+    def candidates() -> set[str]:
+        out = set()
+        for name in _shm_entries() - before:
+            m = re.match(r"lmcache_l1_pool_kvt(\d+)x", name)
+            if m and int(m.group(1)) != os.getpid():
+                continue  # a concurrent test session's server
+            try:
+                if os.stat(SHM_DIR / name).st_uid != os.getuid():
+                    continue
+            except FileNotFoundError:
+                continue
+            out.add(name)
+        return out
+
+    deadline = time.monotonic() + SHM_GRACE_S
+    while True:
+        leaked = candidates()
+        leaked -= _shm_in_use(leaked) if leaked else set()
+        if not leaked or time.monotonic() > deadline:
+            return sorted(leaked)
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_leaked_shm_module() -> Iterator[set[str]]:
+    """Fail the module (its last test's teardown) if it left vLLM/LMCache/kvconn entries in
+    /dev/shm that nobody holds. Module scope catches what module-scoped fixtures (an engine
+    run shared by several tests) leave behind; being the first module fixture, it is torn
+    down after the module's own fixtures."""
+    before = _shm_entries()
+    yield before  # the per-test check adds what it already reported
+    leaked = _leaked_shm(before)
+    if leaked:
+        pytest.fail(f"module leaked /dev/shm entries: {leaked}", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_shm(_no_leaked_shm_module: set[str]) -> Iterator[None]:
+    """Per test, for attribution: the same check after the test's own fixtures are gone."""
+    before = _shm_entries()
+    yield
+    leaked = _leaked_shm(before)
+    if leaked:
+        _no_leaked_shm_module.update(leaked)  # reported once, here
+        pytest.fail(f"test leaked /dev/shm entries: {leaked}", pytrace=False)
 
 
 # ---------------------------------------------------------------------------- LMCache server
@@ -235,10 +326,39 @@ class LMCacheServer:
             except FileNotFoundError:
                 pass
 
-    def restart(self) -> LMCacheServer:
-        """Kill and start again on the same address (same URL, a fresh, empty server)."""
+    def restart(self, *, chunk_size: int | None = None,
+                transfer_mode: str | None = None) -> LMCacheServer:
+        """Kill and start again on the same address (same URL, a fresh, empty server),
+        optionally with another chunk size or supported transfer mode."""
         self.kill()
+        if chunk_size is not None:
+            self._set_arg("--chunk-size", str(chunk_size))
+            self.chunk_size = chunk_size
+        if transfer_mode is not None:
+            self._set_arg("--supported-transfer-mode", transfer_mode)
         return self.start(new_ports=False)
+
+    def _set_arg(self, flag: str, value: str) -> None:
+        if flag in self._args:
+            self._args[self._args.index(flag) + 1] = value
+        else:
+            self._args += [flag, value]
+
+    def freeze(self) -> None:
+        """SIGSTOP the server: requests already sent stay unanswered (a call in flight)."""
+        if self.process is not None:
+            os.killpg(self.process.pid, signal.SIGSTOP)
+
+    def kill_hard(self) -> None:
+        """SIGKILL the whole group at once, as ``kill -9`` would (works on a frozen server),
+        then clean up as :meth:`kill` does."""
+        if self.process is not None:
+            try:
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.process.wait(timeout=30)
+        self.kill()
 
     def log_tail(self, n: int = 40) -> str:
         try:

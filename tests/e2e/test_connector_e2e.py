@@ -18,7 +18,7 @@ import pytest
 
 from kvconn_plugin.tools.run_engine import DEFAULT_ENV, run_engine
 from kvconn_plugin.tools.tiny_model import PRESETS, write_tiny_llama
-from tests.helpers.engine import post_json, start_vllm_serve
+from tests.helpers.engine import post_json, start_vllm_serve, stop_process_group
 
 pytestmark = [pytest.mark.engine, pytest.mark.lmcache_server]
 
@@ -156,8 +156,12 @@ def test_asyncllm_script_sets_impl_inside(tiny_model, lmcache_server_factory, tm
     """))
     log = tmp_path / "async.log"
     with open(log, "wb") as out:
-        proc = subprocess.run([sys.executable, str(script)], env=_env(), stdout=out,
-                              stderr=subprocess.STDOUT, timeout=400, start_new_session=True)
+        proc = subprocess.Popen([sys.executable, str(script)], env=_env(), stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            proc.wait(timeout=400)
+        finally:
+            stop_process_group(proc)  # on timeout the whole engine, not just the script
     text = log.read_text()
     assert proc.returncode == 0, text[-3000:]
     assert "RESULT" in text

@@ -20,7 +20,7 @@ import pytest
 
 from kvconn_plugin.tools.run_engine import DEFAULT_ENV, run_engine
 from kvconn_plugin.tools.tiny_model import PRESETS, write_tiny_llama
-from tests.helpers.engine import child_env
+from tests.helpers.engine import child_env, stop_process_group
 
 pytestmark = [pytest.mark.engine, pytest.mark.lmcache_server]
 
@@ -56,6 +56,7 @@ CHILD = textwrap.dedent('''
         llm.reset_prefix_cache()                             # force the next hit to come from LMCache
         res["phase3_hit"] = gen(spec["c"])
         (d / "result.json").write_text(json.dumps(res))
+        llm.llm_engine.engine_core.shutdown()  # EngineCore and worker unlink their SHM queues
 
     if __name__ == "__main__":
         main()
@@ -104,9 +105,7 @@ def test_server_killed_and_restarted_midrun(lmcache_server_factory, tmp_path):
         _wait(tmp_path / "result.json", proc)
         proc.wait(timeout=120)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_process_group(proc)  # the whole engine, gracefully; also reaps stragglers
         log.close()
     res = json.loads((tmp_path / "result.json").read_text())
     assert [r["ids"] for r in res["phase1"]] == base_ids[:2]

@@ -86,21 +86,63 @@ def _tail(path: Path, n: int = 8000) -> str:
     return data[-n:].decode("utf-8", "replace")
 
 
-def _kill_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
-    """SIGTERM the child's whole process group (front end, EngineCore, workers), then
-    SIGKILL whatever is left after ``grace_s``."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+def _group_members(pgid: int) -> dict[int, str]:
+    """Live (non-zombie) processes of process group ``pgid``: pid -> command line."""
+    members: dict[int, str] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
         try:
-            proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            pass
-    # Engine children can outlive the leader; the group id is still the leader's pid.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()  # after "pid (comm)"
+            if int(fields[2]) != pgid or fields[0] in ("Z", "X"):
+                continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                members[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile
+    return members
+
+
+def _wait_group(proc: subprocess.Popen, timeout: float) -> dict[int, str]:
+    """Wait until the group has no live member; return what is still alive at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        proc.poll()  # reap the leader, or it stays a (zombie) member
+        members = _group_members(proc.pid)
+        if not members or time.monotonic() > deadline:
+            return members
+        time.sleep(0.1)
+
+
+def stop_process_group(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """Stop a child started with ``start_new_session=True`` and everything in its process
+    group (front end, EngineCore, workers, multiprocessing's resource tracker), leaving no
+    /dev/shm entry behind. Also call it after a normal exit: stragglers may still be
+    cleaning up.
+
+    SIGTERM the group, then wait for the *whole group* (not just the leader) for
+    ``grace_s``: vLLM's EngineCore and workers unlink their ``psm_*`` message queues and
+    ``sem.mp-*`` lock on the way out, and when vLLM itself SIGKILLs a slow EngineCore (5 s)
+    the resource tracker unlinks them once every process sharing it is gone. Whatever is
+    still alive then is SIGKILLed, the resource tracker last (it ignores SIGTERM and must
+    outlive the others to clean up after them)."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if proc.poll() is None or _group_members(proc.pid):
+            os.killpg(proc.pid, signal.SIGTERM)
+    left = _wait_group(proc, grace_s)
+    if left:
+        for pid, cmd in left.items():
+            if "multiprocessing.resource_tracker" not in cmd:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        left = _wait_group(proc, 5.0)  # the tracker sees EOF and unlinks what was left
+    if left:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=5)
+
 
 
 # ---------------------------------------------------------------------------- run_generation
@@ -161,12 +203,12 @@ def run_generation(
             try:
                 rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                _kill_group(proc)
+                stop_process_group(proc)
                 raise EngineRunError(
                     f"engine child timed out after {timeout:.0f}s; log tail:\n{_tail(log)}"
                 ) from None
             finally:
-                _kill_group(proc, grace_s=5.0)
+                stop_process_group(proc)  # stragglers still shutting down
         if rc != 0 or not out_path.exists():
             raise EngineRunError(f"engine child exited with {rc}; log tail:\n{_tail(log)}")
         data = json.loads(out_path.read_text())
@@ -332,7 +374,7 @@ def start_vllm_serve(
             time.sleep(0.5)
         yield ServeHandle(base, model, log_path, proc.pid)
     finally:
-        _kill_group(proc)
+        stop_process_group(proc)
         logf.close()
         if tmp is not None:  # our own log dir; failures already carry the log tail
             shutil.rmtree(tmp, ignore_errors=True)
