@@ -1,0 +1,305 @@
+"""Both sides of the connector against a real LMCache server that freezes, dies with a call in
+flight, comes back, or comes back with another chunk size or transfer mode.
+
+The worker adapter runs here with real CPU KV tensors, so every byte the server lends is
+really gathered and scattered. "In flight" is made deterministic by freezing the server
+(SIGSTOP) before the call and killing it (SIGKILL) while the call waits for its reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from kvconn_plugin.client.api import LMCacheClient
+from kvconn_plugin.client.protocol import CacheKey
+from kvconn_plugin.config import parse_config
+from kvconn_plugin.metadata import KVConnMetadata, TransferSpec
+from kvconn_plugin.parallel import kv_ranks
+from kvconn_plugin.worker.adapter import WorkerAdapter
+from tests.helpers.sched_harness import SchedHarness
+
+pytestmark = pytest.mark.lmcache_server
+
+CHUNK = 256
+BLOCK = 16
+LAYERS, HEADS, HEAD = 2, 2, 64
+NUM_BLOCKS = 64
+HEARTBEAT = 0.5
+MODEL = "kvconn-test/worker-failures"
+POISON = 0x5A
+
+
+def _config(server, **extra):
+    # A long transfer timeout: "fails fast" below then means "noticed the dead connection",
+    # never "waited out the deadline".
+    host, port = server.url.rsplit(":", 1)
+    return parse_config({"lmcache.mp.host": host, "lmcache.mp.port": int(port),
+                         "lmcache.mp.autostart": False, "kvconn.transfer_timeout": 120,
+                         "lmcache.mp.heartbeat_interval": HEARTBEAT, **extra})
+
+
+class Worker:
+    """A WorkerAdapter over real (CPU) paged KV tensors, [B, H, N, 2*head] per layer."""
+
+    def __init__(self, server, **extra):
+        self.kv = [torch.zeros(NUM_BLOCKS, HEADS, BLOCK, 2 * HEAD, dtype=torch.bfloat16)
+                   for _ in range(LAYERS)]
+        self.adapter = WorkerAdapter(
+            _config(server, **extra), model_name=MODEL,
+            ranks=kv_ranks(mla=False, world_size=1, rank=0, tp_size=1),
+            block_size=BLOCK, use_mla=False, head_size=HEAD, kv_split="packed")
+        self.adapter.register_kv_caches({f"layer{i}": t for i, t in enumerate(self.kv)})
+
+    @property
+    def session(self):
+        return self.adapter.session
+
+    def fill(self, blocks: range, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        for t in self.kv:
+            t[blocks.start:blocks.stop] = torch.randn(
+                len(blocks), HEADS, BLOCK, 2 * HEAD, generator=g).to(torch.bfloat16)
+
+    def blocks_bytes(self, blocks: range) -> list[torch.Tensor]:
+        return [t[blocks.start:blocks.stop].clone() for t in self.kv]
+
+    def poison(self, blocks: range) -> None:
+        for t in self.kv:
+            t[blocks.start:blocks.stop].view(torch.uint8).fill_(POISON)
+
+    def store(self, spec: TransferSpec) -> None:
+        self.adapter.wait_for_save(KVConnMetadata(stores=[spec]))
+
+    def load(self, spec: TransferSpec, timeout: float = 20.0) -> tuple[float, set[int]]:
+        """Start the load and wait until the worker reports it; returns (seconds, error blocks)."""
+        t0 = time.monotonic()
+        self.adapter.start_load_kv(KVConnMetadata(loads=[spec]))
+        while True:
+            _, recving = self.adapter.get_finished(set())
+            if recving and spec.request_id in recving:
+                return time.monotonic() - t0, self.adapter.get_block_ids_with_load_errors()
+            if time.monotonic() - t0 > timeout:
+                raise AssertionError(f"load of {spec.request_id} not reported within {timeout}s")
+            time.sleep(0.01)
+
+    def close(self) -> None:
+        self.adapter.shutdown()
+
+
+def _spec(rid: str, tokens: list[int], blocks: range) -> TransferSpec:
+    return TransferSpec(request_id=rid, token_ids=tuple(tokens), start=0, end=len(tokens),
+                        block_ids=tuple(blocks))
+
+
+def _lookup(server, rid: str, tokens: list[int]) -> int:
+    """What the scheduler does before a load: LOOKUP (locks the hit chunks for ``rid``)."""
+    key = CacheKey(model_name=MODEL, world_size=1, worker_id=None, token_ids=tokens, start=0,
+                   end=len(tokens), request_id=rid)
+    with LMCacheClient(server.url) as c:
+        return c.lookup(key, timeout=10)
+
+
+def _tokens(n: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, 30000, (n,), generator=g).tolist()
+
+
+def _wait_for(pred, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _wait_sent(worker: Worker, timeout: float = 5.0) -> None:
+    """Until a request is on the wire (the frozen server will never answer it)."""
+    transport = worker.session.client.transport
+    _wait_for(lambda: any(p.sent for p in list(transport._pending.values())), timeout,
+              "a request in flight")
+
+
+@pytest.fixture
+def server(lmcache_server_factory):
+    srv = lmcache_server_factory()
+    yield srv
+    srv.kill()
+
+
+def test_retrieve_in_flight_when_server_dies_becomes_load_error_then_hits_resume(server):
+    w = Worker(server)
+    try:
+        toks, blocks = _tokens(2 * CHUNK, 1), range(0, 2 * CHUNK // BLOCK)
+        w.fill(blocks, seed=1)
+        expected = w.blocks_bytes(blocks)
+        w.store(_spec("a-store", toks, blocks))
+        assert w.adapter.stats.data.get("stored_chunks") == 2
+
+        # The retrieve is sent to a frozen server, which is then killed: the connection
+        # drop fails it at once instead of after the 30 s transfer timeout.
+        dst = range(32, 32 + len(blocks))
+        w.poison(dst)
+        assert _lookup(server, "a-load", toks) == 2
+        server.freeze()
+        killer = threading.Timer(1.0, server.kill_hard)
+        killer.start()
+        try:
+            took, errors = w.load(_spec("a-load", toks, dst))
+        finally:
+            killer.join()
+        assert errors == set(dst), "every block of the failed load is reported for recompute"
+        assert took < 30, f"load error took {took:.1f}s (the deadline is 120 s)"
+        for t in w.kv:  # nothing was written into vLLM's blocks
+            assert bool((t[dst.start:dst.stop].view(torch.uint8) == POISON).all())
+        _wait_for(lambda: not w.session.healthy, 2 * HEARTBEAT + 5, "the worker to notice")
+
+        # While the server is down: loads fail fast, stores are dropped, nothing raises.
+        took, errors = w.load(_spec("a-down", toks, dst))
+        assert errors == set(dst) and took < 30
+        w.store(_spec("a-down-store", toks, blocks))
+        assert w.adapter.stats.data.get("store_failures", 0) >= 1
+
+        # Back on the same address with a new, empty pool: re-register, then round trips work.
+        server.restart()
+        _wait_for(lambda: w.session.healthy, 2 * HEARTBEAT + 10, "re-registration")
+        w.store(_spec("b-store", toks, blocks))
+        w.poison(dst)
+        assert _lookup(server, "b-load", toks) == 2
+        _, errors = w.load(_spec("b-load", toks, dst))
+        assert errors == set()
+        for t, ref in zip(w.kv, expected):
+            assert torch.equal(t[dst.start:dst.stop].view(torch.uint8), ref.view(torch.uint8))
+    finally:
+        w.close()
+
+
+def test_store_in_flight_when_server_dies_is_dropped_without_raising(server):
+    w = Worker(server)
+    try:
+        toks, blocks = _tokens(CHUNK, 2), range(0, CHUNK // BLOCK)
+        w.fill(blocks, seed=2)
+        server.freeze()
+        done = threading.Event()
+        errors: list[BaseException] = []
+
+        def store():
+            try:
+                w.store(_spec("s-store", toks, blocks))
+            except BaseException as exc:  # noqa: BLE001 - the test reports it
+                errors.append(exc)
+            done.set()
+
+        t = threading.Thread(target=store)
+        t.start()
+        _wait_sent(w)
+        t0 = time.monotonic()
+        server.kill_hard()
+        assert done.wait(60), "the store still blocks after the server died"
+        t.join()
+        assert not errors
+        assert time.monotonic() - t0 < 30  # the deadline is 120 s
+        assert w.adapter.stats.data.get("store_failures") == 1
+        assert not w.adapter.stats.data.get("stored_chunks")
+    finally:
+        w.close()
+
+
+def test_restart_with_another_chunk_size_disables_instead_of_mixing(server, caplog):
+    w = Worker(server)
+    host, port = server.url.rsplit(":", 1)
+    h = SchedHarness.create(
+        connector="KVConnPluginConnector", module_path="kvconn_plugin.connector",
+        extra_config={"lmcache.mp.host": host, "lmcache.mp.port": int(port),
+                      "lmcache.mp.autostart": False, "lmcache.mp.heartbeat_interval": HEARTBEAT},
+        max_model_len=4096, max_num_batched_tokens=2048)
+    sched = h.connector._scheduler
+    try:
+        assert w.session.chunk_size == CHUNK and sched.chunk_size == CHUNK
+        toks, blocks = _tokens(CHUNK, 3), range(0, CHUNK // BLOCK)
+        w.fill(blocks, seed=3)
+        w.store(_spec("c-store", toks, blocks))
+
+        with caplog.at_level(logging.ERROR, logger="kvconn_plugin"):
+            server.restart(chunk_size=2 * CHUNK)
+            _wait_for(lambda: w.session.disabled_reason is not None, 2 * HEARTBEAT + 10,
+                      "the worker to disable the cache")
+            _wait_for(lambda: sched._health.disabled_reason is not None, 2 * HEARTBEAT + 10,
+                      "the scheduler to disable the cache")
+        assert "chunk size changed from 256 to 512" in w.session.disabled_reason
+        assert "chunk size changed from 256 to 512" in sched._health.disabled_reason
+        assert any("disabling the KV cache" in r.getMessage() for r in caplog.records)
+
+        # Stays off: never registers into the new layout, keeps chunk 256 for its own math.
+        time.sleep(3 * HEARTBEAT)
+        assert not w.session.healthy and not sched.healthy
+        assert w.session.chunk_size == CHUNK and sched.chunk_size == CHUNK
+
+        # The scheduler answers 0 at once and plans no stores; the worker drops both ways.
+        req = h.request("c-req", toks + _tokens(CHUNK, 4))
+        assert sched.get_num_new_matched_tokens(req, 0) == (0, False)
+        _, errors = w.load(_spec("c-load", toks, range(32, 32 + len(blocks))))
+        assert errors == set(range(32, 32 + len(blocks)))
+        w.store(_spec("c-store2", toks, blocks))
+        assert w.adapter.stats.data.get("store_failures", 0) >= 1
+    finally:
+        h.connector.shutdown()
+        w.close()
+
+
+def test_restart_without_engine_driven_mode_keeps_the_cache_off(server):
+    w = Worker(server)
+    try:
+        toks, blocks = _tokens(CHUNK, 5), range(0, CHUNK // BLOCK)
+        server.restart(transfer_mode="lmcache_driven")
+        _wait_for(lambda: not w.session.healthy, 2 * HEARTBEAT + 10, "the worker to notice")
+        # Registration is never answered by such a server; the worker keeps retrying in the
+        # background and every transfer fails fast in the meantime.
+        time.sleep(3 * HEARTBEAT)
+        assert not w.session.healthy
+        took, errors = w.load(_spec("d-load", toks, range(32, 32 + len(blocks))))
+        assert errors == set(range(32, 32 + len(blocks))) and took < 30
+    finally:
+        w.close()
+
+
+def test_frozen_server_never_blocks_the_scheduler_step(server):
+    """Connection up, no replies (SIGSTOP): every lookup times out into a miss, requests are
+    computed without the cache, and late replies after SIGCONT change nothing."""
+    host, port = server.url.rsplit(":", 1)
+    h = SchedHarness.create(
+        connector="KVConnPluginConnector", module_path="kvconn_plugin.connector",
+        extra_config={"lmcache.mp.host": host, "lmcache.mp.port": int(port),
+                      "lmcache.mp.autostart": False, "kvconn.lookup_timeout": 1.0},
+        max_model_len=4096, max_num_batched_tokens=2048)
+    try:
+        server.freeze()
+        h.add(*(h.request(f"f{i}", _tokens(3 * CHUNK, 10 + i)) for i in range(4)))
+        slowest, steps, t_end = 0.0, 0, time.monotonic() + 60
+        while h.scheduler.has_requests() and time.monotonic() < t_end:
+            t0 = time.monotonic()
+            h.step()
+            slowest = max(slowest, time.monotonic() - t0)
+            steps += 1
+            time.sleep(0.01)
+        assert not h.scheduler.has_requests(), "requests did not complete against a frozen server"
+        # A blocked network call would take the control timeout (5 s) or more.
+        assert slowest < 2.5, f"a scheduler step took {slowest:.2f}s"
+        os.killpg(server.process.pid, signal.SIGCONT)
+        h.add(h.request("f-after", _tokens(3 * CHUNK, 20)))
+        for _ in range(400):
+            if not h.scheduler.has_requests():
+                break
+            h.step()
+            time.sleep(0.01)
+        h.assert_empty()
+    finally:
+        if server.process is not None:
+            os.killpg(server.process.pid, signal.SIGCONT)
+        h.connector.shutdown()
