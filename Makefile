@@ -21,6 +21,8 @@ test-fast: env
 bench: env
 	$(PY) benchmarks/bench_protocol.py
 	$(PY) benchmarks/bench_transfer.py
+	$(PY) benchmarks/bench_load.py
+	$(PY) benchmarks/bench_e2e.py
 
 clean:
 	rm -rf build dist *.egg-info kvconn_plugin/lib kvconn_plugin/_build_info.py

@@ -1,0 +1,26 @@
+"""The benchmarks stay runnable: a tiny bench_load run end to end (no figures checked)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.lmcache_server
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_bench_load_runs_and_writes_its_report(tmp_path):
+    out = tmp_path / "bench_load.txt"
+    env = dict(os.environ, LMCACHE_TRACK_USAGE="false", DO_NOT_TRACK="1")
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/bench_load.py", "--steps", "40", "--running", "32",
+         "--forward-ms", "2", "--no-pin", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    text = out.read_text()
+    for row in ("connector time per step p99 (ms)", "lookups answered", "hit tokens"):
+        assert row in text
