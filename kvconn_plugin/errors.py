@@ -24,6 +24,11 @@ class KVConnProtocolError(KVConnError):
     """A reply (or shared-memory descriptor) did not match the protocol."""
 
 
+class KVConnInFlightLost(KVConnUnavailable):
+    """A request reached the server but its reply never will (connection lost, or the
+    server stopped answering): like a timeout, the server may still have acted on it."""
+
+
 class KVConnClosed(KVConnUnavailable):
     """The client was closed while the call was pending."""
 

@@ -61,6 +61,10 @@ class LMCacheClient:
     def close(self) -> None:
         self.transport.close()
 
+    def abort_in_flight(self, reason: str) -> int:
+        """Fail the calls waiting on replies now (see ``MQTransport.abort_in_flight``)."""
+        return self.transport.abort_in_flight(reason)
+
     def flush(self) -> None:
         """Send what ``*_async`` calls queued under ``defer_wake``."""
         self.transport.flush()

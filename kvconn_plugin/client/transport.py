@@ -30,6 +30,7 @@ from kvconn_plugin.errors import (
     KVConnClosed,
     KVConnConfigError,
     KVConnError,
+    KVConnInFlightLost,
     KVConnProtocolError,
     KVConnTimeout,
     KVConnUnavailable,
@@ -251,13 +252,23 @@ class MQTransport:
         transfer) would only stall the caller. Requests not sent yet stay queued.
         """
         self._drain_replies()  # replies that made it before the connection broke still count
+        self.abort_in_flight(f"connection to {self.url} lost")
+
+    def abort_in_flight(self, reason: str) -> int:
+        """Fail every request already sent and still unanswered; returns how many.
+
+        Safe from any thread. For a server that is connected but has stopped answering
+        (frozen, wedged): once the heartbeat gives up on it, a caller waiting on a transfer
+        should not sit out its own, longer deadline. A late reply finds no pending entry
+        and is dropped; requests not sent yet stay queued.
+        """
         with self._lock:
             lost = [p for p in self._pending.values() if p.sent]
             for p in lost:
                 del self._pending[p.uid_frame]
         for p in lost:
-            _fail(p.future, KVConnUnavailable(
-                f"connection to {self.url} lost with {p.op.name} in flight; outcome unknown"))
+            _fail(p.future, KVConnInFlightLost(f"{reason} with {p.op.name} in flight; outcome unknown"))
+        return len(lost)
 
     def _flush_outbox(self) -> None:
         while True:

@@ -246,17 +246,24 @@ class SchedulerAdapter:
         if tr.locks_settled or tr.load_from is None:
             return
         if tr.state is not LookupState.DONE:
-            if not tr.in_flight:
-                tr.locks_settled = True  # the lookup failed: it locked nothing we know of
-            return
+            if tr.in_flight:
+                return
+            tr.locks_settled = True
+            if tr.outcome_unknown and tr.lookup_end > 0:
+                # The server releases exactly what this request's prefetch locked, if anything.
+                self._free_locks(tr, tr.lookup_end)
+            return  # otherwise the lookup never reached the server: nothing is locked
         locked_end = min(tr.hit_chunks * (self.chunk_size or 1), tr.lookup_end)
         free_end = locked_end if tr.load_from < 0 else tr.load_from
         tr.locks_settled = True
         if free_end > 0:
-            try:
-                self.client.free_lookup_locks_async(self._key(tr, 0, free_end, None), self.ranks.tp_size)
-            except KVConnError as exc:
-                self._health.report_failure(exc)
+            self._free_locks(tr, free_end)
+
+    def _free_locks(self, tr: RequestTracker, end: int) -> None:
+        try:
+            self.client.free_lookup_locks_async(self._key(tr, 0, end, None), self.ranks.tp_size)
+        except KVConnError as exc:
+            self._health.report_failure(exc)
 
     # ------------------------------------------------------------------ per step
 

@@ -4,6 +4,13 @@ A lookup is LOOKUP (the server acks, taking read locks on the hit chunks) follow
 QUERY_PREFETCH_STATUS polls until the server reports the hit in chunks. The result is
 handed out exactly once by the server, so the tracker keeps it. Nothing here blocks: the
 futures are only inspected.
+
+A call that timed out (or whose connection dropped after sending) may still have been
+carried out: an overloaded server answers a LOOKUP late and locks chunks nobody frees for
+the read TTL (300 s), pinning its memory. Such a lookup counts as a miss but is *recovered*:
+one more QUERY tells when the server's prefetch is over, after which FREE_LOOKUP_LOCKS
+over the whole range releases exactly what that request's prefetch locked (the server
+keeps the result in the request's session).
 """
 
 from __future__ import annotations
@@ -14,7 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvconn_plugin.client.reply_future import ReplyFuture
+from kvconn_plugin.errors import KVConnInFlightLost, KVConnTimeout
 
+# Recovery QUERYs for one lookup whose outcome is unknown; past that the read TTL frees it.
+MAX_RECOVERY_QUERIES = 3
 
 
 class LookupState(enum.Enum):
@@ -46,12 +56,19 @@ class RequestTracker:
     stored_end: int = 0            # tokens already stored (or known cached), chunk aligned
     # Scheduled tokens until the next store check; 0 means check exactly at the next step.
     store_countdown: int = 0
+    # The server may have locked chunks we never heard about (see the module docstring).
+    outcome_unknown: bool = False
+    recovery_queries: int = 0
 
     def on_ack(self, fut: ReplyFuture, submit_query) -> None:
         """LOOKUP acknowledged (runs on the client's I/O thread): ask for the result right
         away instead of a scheduler step later. The only place the first QUERY is sent,
         so it can never be sent twice (a second QUERY would consume the result)."""
-        if fut.cancelled() or fut.exception() is not None:
+        if fut.cancelled():
+            self.state = LookupState.FAILED
+            return
+        exc = fut.exception()
+        if exc is not None and not self._start_recovery(exc):
             self.state = LookupState.FAILED
             return
         try:
@@ -61,17 +78,34 @@ class RequestTracker:
             return
         self.state = LookupState.QUERYING  # after query_future is set: readers check state
 
+    def _start_recovery(self, exc: BaseException) -> bool:
+        """After a failed call: whether to send a recovery QUERY (the server may have acted)."""
+        if not isinstance(exc, (KVConnTimeout, KVConnInFlightLost)):
+            return False  # never reached the server, or we are closing
+        self.outcome_unknown = True
+        self.recovery_queries += 1
+        return self.recovery_queries <= MAX_RECOVERY_QUERIES
+
     def advance(self, submit_query) -> None:
         """Move the lookup along without waiting; ``submit_query(rid)`` returns a ReplyFuture."""
         if self.state is LookupState.QUERYING and self.query_future is not None:
             if not self.query_future.done():
                 return
-            if self.query_future.exception() is not None:
-                self.state = LookupState.FAILED
+            exc = self.query_future.exception()
+            if exc is not None:
+                if self._start_recovery(exc):
+                    self.query_future = submit_query(self.request_id)
+                else:
+                    self.state = LookupState.FAILED
                 return
             result = self.query_future.result()
             if result is None:  # server still prefetching: ask again next time
                 self.query_future = submit_query(self.request_id)
+                return
+            if self.outcome_unknown:
+                # Prefetch over; its count may have gone to a reply we dropped (a second
+                # QUERY answers 0), so it is no basis for a load. The locks are freed whole.
+                self.state = LookupState.FAILED
                 return
             self.hit_chunks = int(result)
             self.state = LookupState.DONE

@@ -3,6 +3,11 @@ scheduler-side tests and benchmarks get hits without running workers."""
 
 from __future__ import annotations
 
+import json
+import urllib.request
+
+import pytest
+
 from kvconn_plugin.client.api import LMCacheClient, new_instance_id
 from kvconn_plugin.client.protocol import CacheKey, RegisterEngineDrivenPayload
 from kvconn_plugin.client.shm_pool import ShmPool
@@ -34,3 +39,25 @@ def seed_server(url: str, model: str, tokens: list[int], salt: str = "") -> int:
                 raise RuntimeError("the server refused the seeding commit")
         c.end_session(f"seed-{iid}")
     return iid
+
+
+def server_lock_counts(server) -> tuple[int, int]:
+    """(read_locked, write_locked) objects from the server's HTTP /status."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/status", timeout=10) as r:
+        status = json.loads(r.read())
+    found: dict[str, int] = {}
+
+    def walk(node):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k in ("read_locked_count", "write_locked_count") and isinstance(v, int):
+                    found[k] = found.get(k, 0) + v
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(status)
+    if not found:
+        pytest.skip("server /status has no lock counts")
+    return found.get("read_locked_count", 0), found.get("write_locked_count", 0)
