@@ -20,7 +20,7 @@ from kvconn_plugin.client.api import LMCacheClient, new_instance_id
 from kvconn_plugin.client.protocol import CacheKey, RegisterEngineDrivenPayload
 from kvconn_plugin.client.shm_pool import ShmPool
 from kvconn_plugin.config import KVConnConfig
-from kvconn_plugin.errors import KVConnError, KVConnProtocolError, KVConnUnavailable
+from kvconn_plugin.errors import KVConnError, KVConnProtocolError, KVConnTimeout, KVConnUnavailable
 from kvconn_plugin.metadata import TransferSpec
 from kvconn_plugin.parallel import KVRanks
 from kvconn_plugin.stats import KVConnStats
@@ -82,8 +82,13 @@ class ServerSession:
                     f"no usable LMCache server at {self.client.url}: {exc} "
                     "(kvconn.require_server is set)"
                 ) from exc
-            logger.warning("kvconn: no usable LMCache server at %s (%s); serving without the "
-                           "cache and retrying in the background", self.client.url, exc)
+            # A server that is simply not there is the scheduler's one warning (with the
+            # command that starts one); each worker repeating it would only add noise. A
+            # server that answers but cannot be used is this worker's own news.
+            quiet = isinstance(exc, (KVConnUnavailable, KVConnTimeout))
+            logger.log(logging.INFO if quiet else logging.WARNING,
+                       "kvconn: no usable LMCache server at %s (%s); serving without the "
+                       "cache and retrying in the background", self.client.url, exc)
         self._heartbeat_task.start()
 
     def _register(self, wait: float) -> None:
@@ -170,6 +175,10 @@ class ServerSession:
                               "serving without the cache", self.client.url, exc)
             self.healthy = False
             self.stats.set_degraded(True)
+            # A frozen server keeps the connection up, so nothing else fails the store or
+            # retrieve waiting on it: end them now (dropped store, load error) instead of
+            # after transfer_timeout. Bounds every transfer wait by ~2 heartbeat intervals.
+            self.client.abort_in_flight(f"LMCache server at {self.client.url} stopped answering")
 
     def _failed(self, exc: Exception) -> None:
         """A transfer call failed: let the heartbeat check the server right away."""

@@ -24,6 +24,7 @@ from kvconn_plugin.metadata import KVConnMetadata, TransferSpec
 from kvconn_plugin.parallel import kv_ranks
 from kvconn_plugin.worker.adapter import WorkerAdapter
 from tests.helpers.sched_harness import SchedHarness
+from tests.helpers.seed import seed_server, server_lock_counts
 
 pytestmark = pytest.mark.lmcache_server
 
@@ -299,6 +300,163 @@ def test_frozen_server_never_blocks_the_scheduler_step(server):
             h.step()
             time.sleep(0.01)
         h.assert_empty()
+    finally:
+        if server.process is not None:
+            os.killpg(server.process.pid, signal.SIGCONT)
+        h.connector.shutdown()
+
+
+def test_frozen_server_mid_transfer_is_cut_off_by_the_heartbeat(server):
+    """SIGSTOP keeps the connection up, so no disconnect fails the calls: the heartbeat's
+    missed ping must end the waiting store and retrieve (deadline 120 s) within about two
+    intervals, and the session must recover by itself after SIGCONT."""
+    w = Worker(server)
+    try:
+        toks, blocks = _tokens(CHUNK, 6), range(0, CHUNK // BLOCK)
+        w.fill(blocks, seed=6)
+        expected = w.blocks_bytes(blocks)
+        w.store(_spec("e-seed", toks, blocks))
+        dst = range(32, 32 + len(blocks))
+        assert _lookup(server, "e-load", toks) == 1
+
+        server.freeze()
+        w.poison(dst)
+        # Both in flight at once: the retrieve on the load thread, the store right here.
+        loading = threading.Thread(target=lambda: result.append(w.load(_spec("e-load", toks, dst))))
+        result: list[tuple[float, set[int]]] = []
+        loading.start()
+        _wait_sent(w)
+        t0 = time.monotonic()
+        w.store(_spec("e-store", toks + _tokens(CHUNK, 7), range(0, 2 * CHUNK // BLOCK)))
+        store_s = time.monotonic() - t0
+        loading.join(60)
+        assert w.adapter.stats.data.get("store_failures") == 1
+        assert not w.session.healthy
+        (load_s, errors), = result
+        assert errors == set(dst)
+        for t in w.kv:
+            assert bool((t[dst.start:dst.stop].view(torch.uint8) == POISON).all())
+        # A store waits at most ~2 heartbeat intervals (0.5 s each here), never its 120 s
+        # deadline; the margin is for this loaded 2-vCPU host.
+        assert store_s < 4 * HEARTBEAT + 5, f"store blocked {store_s:.1f}s"
+        assert load_s < 4 * HEARTBEAT + 5, f"load reported after {load_s:.1f}s"
+
+        os.killpg(server.process.pid, signal.SIGCONT)
+        _wait_for(lambda: w.session.healthy, 2 * HEARTBEAT + 10, "recovery after SIGCONT")
+        assert _lookup(server, "e-load2", toks) == 1
+        w.poison(dst)
+        _, errors = w.load(_spec("e-load2", toks, dst))
+        assert errors == set()
+        for t, ref in zip(w.kv, expected):
+            assert torch.equal(t[dst.start:dst.stop].view(torch.uint8), ref.view(torch.uint8))
+    finally:
+        if server.process is not None:
+            os.killpg(server.process.pid, signal.SIGCONT)
+        w.close()
+
+
+# ---------------------------------------------------------------------------- no server at start
+
+
+def _dead_address(lmcache_server_factory) -> tuple:
+    """A server started and killed at once: an address with nobody behind it, which the test
+    can bring up again later with ``restart()``."""
+    srv = lmcache_server_factory()
+    srv.kill()
+    return srv
+
+
+@pytest.mark.parametrize("role", ["scheduler", "worker"])
+def test_no_server_at_start_up_warns_once_then_picks_the_server_up(lmcache_server_factory,
+                                                                  caplog, role):
+    srv = _dead_address(lmcache_server_factory)
+    host, port = srv.url.rsplit(":", 1)
+    with caplog.at_level(logging.INFO, logger="kvconn_plugin"):
+        t0 = time.monotonic()
+        if role == "worker":
+            w = Worker(srv)
+            healthy = lambda: w.session.healthy  # noqa: E731
+            close = w.close
+        else:
+            h = SchedHarness.create(
+                connector="KVConnPluginConnector", module_path="kvconn_plugin.connector",
+                extra_config={"lmcache.mp.host": host, "lmcache.mp.port": int(port),
+                              "lmcache.mp.autostart": False,
+                              "lmcache.mp.heartbeat_interval": HEARTBEAT},
+                max_model_len=4096)
+            healthy = lambda: h.connector._scheduler.healthy  # noqa: E731
+            close = h.connector.shutdown
+        took = time.monotonic() - t0
+    try:
+        # Decided by kvconn.connect_timeout (5 s), not by any longer deadline.
+        assert took < 30, f"start-up took {took:.1f}s without a server"
+        warnings = [r.getMessage() for r in caplog.records
+                    if r.levelno >= logging.WARNING and r.name.startswith("kvconn_plugin")]
+        if role == "scheduler":  # the one warning of an engine: address and how to fix it
+            assert len(warnings) == 1, warnings
+            assert srv.url in warnings[0] and "lmcache server --l1-size-gb" in warnings[0]
+        else:  # every worker only notes it (INFO): N ranks must not add N warnings
+            assert not warnings, warnings
+            assert any(srv.url in r.getMessage() for r in caplog.records)
+        assert not healthy()
+        srv.restart()  # the server comes up later: picked up in the background
+        _wait_for(healthy, 2 * HEARTBEAT + 15, f"the {role} to pick the server up")
+    finally:
+        close()
+
+
+@pytest.mark.parametrize("role", ["scheduler", "worker"])
+def test_require_server_fails_start_up_naming_the_address(lmcache_server_factory, role):
+    from kvconn_plugin.errors import KVConnError
+
+    srv = _dead_address(lmcache_server_factory)
+    host, port = srv.url.rsplit(":", 1)
+    t0 = time.monotonic()
+    with pytest.raises(KVConnError) as err:
+        if role == "worker":
+            Worker(srv, **{"kvconn.require_server": True})
+        else:
+            SchedHarness.create(
+                connector="KVConnPluginConnector", module_path="kvconn_plugin.connector",
+                extra_config={"lmcache.mp.host": host, "lmcache.mp.port": int(port),
+                              "lmcache.mp.autostart": False, "kvconn.require_server": True},
+                max_model_len=4096)
+    assert time.monotonic() - t0 < 30
+    assert srv.url in str(err.value) and "require_server" in str(err.value)
+
+
+def test_lookups_that_time_out_on_a_stalled_server_still_free_their_locks(server):
+    """LOOKUPs sent to a stalled server time out on our side, but the server carries them
+    out once it resumes and read-locks the hit chunks. The connector must recover those
+    locks (one more QUERY, then FREE_LOOKUP_LOCKS) rather than leave them pinned for the
+    server's 300 s read TTL; the requests themselves are served as misses."""
+    host, port = server.url.rsplit(":", 1)
+    h = SchedHarness.create(
+        connector="KVConnPluginConnector", module_path="kvconn_plugin.connector",
+        extra_config={"lmcache.mp.host": host, "lmcache.mp.port": int(port),
+                      "lmcache.mp.autostart": False, "lmcache.mp.mq_timeout": 1,
+                      "kvconn.lookup_timeout": 1, "lmcache.mp.heartbeat_interval": 30},
+        max_model_len=4096, max_num_batched_tokens=4096)
+    sched = h.connector._scheduler
+    model = h.vllm_config.model_config.model
+    try:
+        prompts = [_tokens(2 * CHUNK, 40 + i) for i in range(6)]
+        for p in prompts:
+            seed_server(server.url, model, p + [7])
+        assert server_lock_counts(server) == (0, 0)
+        server.freeze()
+        h.add(*(h.request(f"s{i}", p + _tokens(40, 50 + i)) for i, p in enumerate(prompts)))
+        h.step()  # lookups go out to the stalled server
+        time.sleep(1.6)  # their acks time out (1 s); recovery QUERYs queue behind them
+        os.killpg(server.process.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 60
+        while (h.scheduler.has_requests() or sched._closing) and time.monotonic() < deadline:
+            h.step()
+            time.sleep(0.01)
+        h.assert_empty()
+        assert not sched._closing and not sched._trackers
+        _wait_for(lambda: server_lock_counts(server) == (0, 0), 15,
+                  f"the server's read locks to drop (now {server_lock_counts(server)})")
     finally:
         if server.process is not None:
             os.killpg(server.process.pid, signal.SIGCONT)
