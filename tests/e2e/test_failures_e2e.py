@@ -71,36 +71,39 @@ def _prompts(seed: int, n: int = 2) -> list[list[int]]:
     return [prefix + [rng.randrange(10, 500) for _ in range(30)] for _ in range(n)]
 
 
-def test_server_killed_and_restarted_midrun(lmcache_server_factory, tmp_path):
-    model = write_tiny_llama(tmp_path / "model", **PRESETS["small"])
-    server = lmcache_server_factory()
+def _kvt(server, **extra) -> dict:
     host, port = server.url.rsplit(":", 1)
-    a, b, c = _prompts(11), _prompts(12), _prompts(13)
-    kvt = {
+    return {
         "kv_connector": "KVConnPluginConnector", "kv_connector_module_path": "kvconn_plugin.connector",
         "kv_role": "kv_both",
         "kv_connector_extra_config": {
             "lmcache.mp.host": host, "lmcache.mp.port": int(port), "lmcache.mp.autostart": False,
-            "lmcache.mp.heartbeat_interval": 1, "kvconn.transfer_timeout": 5,
-            "kvconn.lookup_timeout": 1,
+            **extra,
         },
     }
-    spec = {"dir": str(tmp_path), "model": str(model), "kvt": kvt, "a": a, "b": b, "c": c, "settle_s": 4}
+
+
+def _phased_run(tmp_path: Path, server, seed: int, after_phase1, after_phase2,
+                **extra) -> tuple[dict, list[list[int]], str]:
+    """Run CHILD against ``server``: ``after_phase1()`` and ``after_phase2()`` act on the
+    server between the phases. Returns (results, baseline token ids, child log)."""
+    model = write_tiny_llama(tmp_path / "model", **PRESETS["small"])
+    a, b, c = _prompts(seed), _prompts(seed + 1), _prompts(seed + 2)
+    spec = {"dir": str(tmp_path), "model": str(model), "kvt": _kvt(server, **extra),
+            "a": a, "b": b, "c": c, "settle_s": 4}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     (tmp_path / "child.py").write_text(CHILD)
     baseline = run_engine(model, a + b + c, max_tokens=8, log_path=tmp_path / "base.log")
-    base_ids = [r["token_ids"] for r in baseline["results"]]
     log = open(tmp_path / "child.log", "wb")
     proc = subprocess.Popen([sys.executable, str(tmp_path / "child.py"), str(tmp_path / "spec.json")],
                             env=child_env(DEFAULT_ENV), stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     try:
         _wait(tmp_path / "phase1", proc)
-        os.killpg(server.process.pid, signal.SIGKILL)  # kill -9: no goodbye to anyone
-        server.kill()                                   # reap it and unlink its pool
+        after_phase1()
         (tmp_path / "killed").touch()
         _wait(tmp_path / "phase2", proc)
-        server.restart()                   # same port, new SHM pool, no registrations
+        after_phase2()
         (tmp_path / "restarted").touch()
         _wait(tmp_path / "result.json", proc)
         proc.wait(timeout=120)
@@ -108,11 +111,27 @@ def test_server_killed_and_restarted_midrun(lmcache_server_factory, tmp_path):
         stop_process_group(proc)  # the whole engine, gracefully; also reaps stragglers
         log.close()
     res = json.loads((tmp_path / "result.json").read_text())
+    base_ids = [r["token_ids"] for r in baseline["results"]]
+    # Whatever the server did, every phase's tokens equal the no-connector baseline.
     assert [r["ids"] for r in res["phase1"]] == base_ids[:2]
     assert [r["ids"] for r in res["phase2"]] == base_ids[:4]
     assert [r["ids"] for r in res["phase3_store"]] == base_ids[4:]
     assert [r["ids"] for r in res["phase3_hit"]] == base_ids[4:]
-    # After the restart the connector re-registered with the new server: hits are back.
+    return res, base_ids, (tmp_path / "child.log").read_text(errors="replace")
+
+
+def test_server_killed_and_restarted_midrun(lmcache_server_factory, tmp_path):
+    server = lmcache_server_factory()
+
+    def kill_9():
+        os.killpg(server.process.pid, signal.SIGKILL)  # kill -9: no goodbye to anyone
+        server.kill()                                   # reap it and unlink its pool
+
+    res, _, _ = _phased_run(tmp_path, server, 11, kill_9, server.restart,
+                            **{"lmcache.mp.heartbeat_interval": 1, "kvconn.transfer_timeout": 5,
+                               "kvconn.lookup_timeout": 1})
+    # After the restart (same port, new SHM pool, no registrations) the connector
+    # re-registered: hits are back.
     assert res["phase3_hit"][0]["cached"] >= 768
 
 
@@ -120,45 +139,10 @@ def test_engine_starts_without_a_server_and_picks_it_up_later(lmcache_server_fac
     """No server when vLLM starts (autostart off): the engine serves without the cache after
     one warning naming the address and the start command; a server that comes up later is
     registered with in the background and hits follow, without restarting vLLM."""
-    model = write_tiny_llama(tmp_path / "model", **PRESETS["small"])
     server = lmcache_server_factory()
     server.kill()  # keep the address, nobody behind it
-    host, port = server.url.rsplit(":", 1)
-    a, b, c = _prompts(21), _prompts(22), _prompts(23)
-    kvt = {
-        "kv_connector": "KVConnPluginConnector", "kv_connector_module_path": "kvconn_plugin.connector",
-        "kv_role": "kv_both",
-        "kv_connector_extra_config": {
-            "lmcache.mp.host": host, "lmcache.mp.port": int(port), "lmcache.mp.autostart": False,
-            "lmcache.mp.heartbeat_interval": 1,
-        },
-    }
-    spec = {"dir": str(tmp_path), "model": str(model), "kvt": kvt, "a": a, "b": b, "c": c, "settle_s": 4}
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    (tmp_path / "child.py").write_text(CHILD)
-    baseline = run_engine(model, a + b + c, max_tokens=8, log_path=tmp_path / "base.log")
-    base_ids = [r["token_ids"] for r in baseline["results"]]
-    log = open(tmp_path / "child.log", "wb")
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "child.py"), str(tmp_path / "spec.json")],
-                            env=child_env(DEFAULT_ENV), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        _wait(tmp_path / "phase1", proc)
-        (tmp_path / "killed").touch()     # still no server for the second phase
-        _wait(tmp_path / "phase2", proc)
-        server.restart()                  # the server comes up while vLLM runs
-        (tmp_path / "restarted").touch()
-        _wait(tmp_path / "result.json", proc)
-        proc.wait(timeout=120)
-    finally:
-        stop_process_group(proc)
-        log.close()
-    text = (tmp_path / "child.log").read_text(errors="replace")
-    res = json.loads((tmp_path / "result.json").read_text())
-    assert [r["ids"] for r in res["phase1"]] == base_ids[:2]
-    assert [r["ids"] for r in res["phase2"]] == base_ids[:4]
-    assert [r["ids"] for r in res["phase3_store"]] == base_ids[4:]
-    assert [r["ids"] for r in res["phase3_hit"]] == base_ids[4:]
+    res, _, text = _phased_run(tmp_path, server, 21, lambda: None, server.restart,
+                               **{"lmcache.mp.heartbeat_interval": 1})
     assert res["phase3_hit"][0]["cached"] >= 768, "no hit after the server came up"
     warned = [ln for ln in text.splitlines() if "WARNING" in ln and "no LMCache server at" in ln]
     assert len(warned) == 1, warned
@@ -169,14 +153,9 @@ def test_require_server_fails_engine_start_up_naming_the_address(lmcache_server_
     model = write_tiny_llama(tmp_path / "model", **PRESETS["small"])
     server = lmcache_server_factory()
     server.kill()
-    host, port = server.url.rsplit(":", 1)
-    kvt = {"kv_connector": "KVConnPluginConnector", "kv_role": "kv_both",
-           "kv_connector_module_path": "kvconn_plugin.connector",
-           "kv_connector_extra_config": {"lmcache.mp.host": host, "lmcache.mp.port": int(port),
-                                         "lmcache.mp.autostart": False,
-                                         "kvconn.require_server": True}}
-    with pytest.raises(Exception) as err:
-        run_engine(model, [[1, 2, 3]], max_tokens=1, kv_transfer_config=kvt,
+    with pytest.raises(RuntimeError) as err:
+        run_engine(model, [[1, 2, 3]], max_tokens=1,
+                   kv_transfer_config=_kvt(server, **{"kvconn.require_server": True}),
                    log_path=tmp_path / "engine.log", timeout=300)
     text = (tmp_path / "engine.log").read_text(errors="replace") + str(err.value)
     assert "kvconn.require_server is set" in text and server.url in text
