@@ -316,6 +316,16 @@ class SchedHarness:
         )
         return cls(cfg, make_scheduler(cfg, num_blocks=num_blocks, async_scheduler=async_scheduler))
 
+    @classmethod
+    def for_server(cls, url: str, extra_config: dict[str, Any] | None = None,
+                   **config_kwargs: Any) -> SchedHarness:
+        """Our connector pointed at the LMCache server at ``url``, autostart off."""
+        host, port = url.rsplit(":", 1)
+        extra = {"lmcache.mp.host": host, "lmcache.mp.port": int(port),
+                 "lmcache.mp.autostart": False, **(extra_config or {})}
+        return cls.create(connector="KVConnPluginConnector", module_path="kvconn_plugin.connector",
+                          extra_config=extra, **config_kwargs)
+
     @property
     def block_size(self) -> int:
         return self.vllm_config.cache_config.block_size

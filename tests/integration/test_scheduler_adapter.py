@@ -24,11 +24,8 @@ def server(lmcache_server_factory):
 
 
 def _harness(server, budget: int = 2048, **extra) -> SchedHarness:
-    host, port = server.url.rsplit(":", 1)
-    cfg = {"lmcache.mp.host": host, "lmcache.mp.port": int(port), "lmcache.mp.autostart": False,
-           "kvconn.lookup_timeout": 10, **extra}
-    return SchedHarness.create(connector="KVConnPluginConnector", module_path="kvconn_plugin.connector",
-                               extra_config=cfg, max_model_len=4096, max_num_batched_tokens=budget)
+    return SchedHarness.for_server(server.url, {"kvconn.lookup_timeout": 10, **extra},
+                                   max_model_len=4096, max_num_batched_tokens=budget)
 
 
 def _seed_server(server, model: str, tokens: list[int], salt: str = "") -> int:

@@ -214,12 +214,8 @@ def test_store_in_flight_when_server_dies_is_dropped_without_raising(server):
 
 def test_restart_with_another_chunk_size_disables_instead_of_mixing(server, caplog):
     w = Worker(server)
-    host, port = server.url.rsplit(":", 1)
-    h = SchedHarness.create(
-        connector="KVConnPluginConnector", module_path="kvconn_plugin.connector",
-        extra_config={"lmcache.mp.host": host, "lmcache.mp.port": int(port),
-                      "lmcache.mp.autostart": False, "lmcache.mp.heartbeat_interval": HEARTBEAT},
-        max_model_len=4096, max_num_batched_tokens=2048)
+    h = SchedHarness.for_server(server.url, {"lmcache.mp.heartbeat_interval": HEARTBEAT},
+                                max_model_len=4096, max_num_batched_tokens=2048)
     sched = h.connector._scheduler
     try:
         assert w.session.chunk_size == CHUNK and sched.chunk_size == CHUNK
@@ -273,12 +269,8 @@ def test_restart_without_engine_driven_mode_keeps_the_cache_off(server):
 def test_frozen_server_never_blocks_the_scheduler_step(server):
     """Connection up, no replies (SIGSTOP): every lookup times out into a miss, requests are
     computed without the cache, and late replies after SIGCONT change nothing."""
-    host, port = server.url.rsplit(":", 1)
-    h = SchedHarness.create(
-        connector="KVConnPluginConnector", module_path="kvconn_plugin.connector",
-        extra_config={"lmcache.mp.host": host, "lmcache.mp.port": int(port),
-                      "lmcache.mp.autostart": False, "kvconn.lookup_timeout": 1.0},
-        max_model_len=4096, max_num_batched_tokens=2048)
+    h = SchedHarness.for_server(server.url, {"kvconn.lookup_timeout": 1.0},
+                                max_model_len=4096, max_num_batched_tokens=2048)
     try:
         server.freeze()
         h.add(*(h.request(f"f{i}", _tokens(3 * CHUNK, 10 + i)) for i in range(4)))
@@ -358,7 +350,7 @@ def test_frozen_server_mid_transfer_is_cut_off_by_the_heartbeat(server):
 # ---------------------------------------------------------------------------- no server at start
 
 
-def _dead_address(lmcache_server_factory) -> tuple:
+def _dead_address(lmcache_server_factory):
     """A server started and killed at once: an address with nobody behind it, which the test
     can bring up again later with ``restart()``."""
     srv = lmcache_server_factory()
@@ -378,12 +370,8 @@ def test_no_server_at_start_up_warns_once_then_picks_the_server_up(lmcache_serve
             healthy = lambda: w.session.healthy  # noqa: E731
             close = w.close
         else:
-            h = SchedHarness.create(
-                connector="KVConnPluginConnector", module_path="kvconn_plugin.connector",
-                extra_config={"lmcache.mp.host": host, "lmcache.mp.port": int(port),
-                              "lmcache.mp.autostart": False,
-                              "lmcache.mp.heartbeat_interval": HEARTBEAT},
-                max_model_len=4096)
+            h = SchedHarness.for_server(srv.url, {"lmcache.mp.heartbeat_interval": HEARTBEAT},
+                                        max_model_len=4096)
             healthy = lambda: h.connector._scheduler.healthy  # noqa: E731
             close = h.connector.shutdown
         took = time.monotonic() - t0
@@ -416,11 +404,7 @@ def test_require_server_fails_start_up_naming_the_address(lmcache_server_factory
         if role == "worker":
             Worker(srv, **{"kvconn.require_server": True})
         else:
-            SchedHarness.create(
-                connector="KVConnPluginConnector", module_path="kvconn_plugin.connector",
-                extra_config={"lmcache.mp.host": host, "lmcache.mp.port": int(port),
-                              "lmcache.mp.autostart": False, "kvconn.require_server": True},
-                max_model_len=4096)
+            SchedHarness.for_server(srv.url, {"kvconn.require_server": True}, max_model_len=4096)
     assert time.monotonic() - t0 < 30
     assert srv.url in str(err.value) and "require_server" in str(err.value)
 
@@ -430,12 +414,9 @@ def test_lookups_that_time_out_on_a_stalled_server_still_free_their_locks(server
     out once it resumes and read-locks the hit chunks. The connector must recover those
     locks (one more QUERY, then FREE_LOOKUP_LOCKS) rather than leave them pinned for the
     server's 300 s read TTL; the requests themselves are served as misses."""
-    host, port = server.url.rsplit(":", 1)
-    h = SchedHarness.create(
-        connector="KVConnPluginConnector", module_path="kvconn_plugin.connector",
-        extra_config={"lmcache.mp.host": host, "lmcache.mp.port": int(port),
-                      "lmcache.mp.autostart": False, "lmcache.mp.mq_timeout": 1,
-                      "kvconn.lookup_timeout": 1, "lmcache.mp.heartbeat_interval": 30},
+    h = SchedHarness.for_server(
+        server.url, {"lmcache.mp.mq_timeout": 1, "kvconn.lookup_timeout": 1,
+                     "lmcache.mp.heartbeat_interval": 30},
         max_model_len=4096, max_num_batched_tokens=4096)
     sched = h.connector._scheduler
     model = h.vllm_config.model_config.model

@@ -59,11 +59,8 @@ class FakeWorker:
 
 def test_soak_10k_requests_no_leaks(lmcache_server_factory):
     server = lmcache_server_factory()
-    host, port = server.url.rsplit(":", 1)
-    h = SchedHarness.create(
-        connector="KVConnPluginConnector", module_path="kvconn_plugin.connector",
-        extra_config={"lmcache.mp.host": host, "lmcache.mp.port": int(port), "lmcache.mp.autostart": False},
-        num_blocks=160, max_model_len=2048, max_num_batched_tokens=1024, max_num_seqs=32,
+    h = SchedHarness.for_server(
+        server.url, num_blocks=160, max_model_len=2048, max_num_batched_tokens=1024, max_num_seqs=32,
     )
     model = h.vllm_config.model_config.model
     rng = random.Random(0)
@@ -98,7 +95,8 @@ def test_soak_10k_requests_no_leaks(lmcache_server_factory):
                     h.scheduler.finish_requests([victim], RequestStatus.FINISHED_ABORTED)
                     aborted += 1
             # A short simulated forward pass, as an engine step has: the server keeps up,
-            # so lookups hit and loads run (test_overloaded_server_* floods it instead).
+            # so lookups hit and loads run (test_lookups_that_time_out_on_a_stalled_server_*
+            # covers a server that falls behind).
             so, _ = h.step(finished_recving=recving, forward_s=FORWARD_S)
             steps += 1
             preempted += len(so.preempted_req_ids or ())
@@ -111,9 +109,8 @@ def test_soak_10k_requests_no_leaks(lmcache_server_factory):
             live = [r for r in live if r in h.scheduler.requests]
             if submitted >= 1000 and rss_start is None:
                 rss_start = _rss_mb()
-        # Let the connector drain finished lookups and sessions: under this flood some
-        # lookups time out and are recovered (one more QUERY, then a FREE), which takes
-        # as long as the server's backlog. Bounded by the connector's own drain deadline.
+        # Let the connector drain finished lookups and sessions (any recovered lookup
+        # needs its QUERY and FREE answered), bounded by the connector's drain deadline.
         sched = h.connector._scheduler
         deadline = time.monotonic() + DRAIN_TIMEOUT + 5
         while (sched._closing or h.scheduler.has_requests()) and time.monotonic() < deadline:
