@@ -70,6 +70,10 @@ class RegisteredHost:
         self.array = np.frombuffer(self.region, dtype=np.uint8)
         self.tensor = torch.from_numpy(self.array)
         self.pinned = ops.pin_host_memory(self.tensor.data_ptr(), nbytes)
+        if not self.pinned or not self.tensor.is_pinned():
+            # The ceiling would then be a pageable copy and every ratio meaningless.
+            raise SystemExit(f"registered host memory not pinned (ours: {self.pinned}, "
+                             f"torch sees pinned: {self.tensor.is_pinned()})")
 
     def close(self) -> None:
         if self.pinned:
@@ -230,6 +234,9 @@ def main() -> int:
     info = ops.backend_info()
     print(f"# backend={info['backend']} cpu_lib={info['cpu_library']['loaded']} "
           f"cuda_lib={info['cuda_library']['loaded']} torch={torch.__version__}")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no CUDA GPU", file=sys.stderr)
+        return 2
     if device == "cuda":
         print(f"# GPU: {torch.cuda.get_device_name()}")
     else:

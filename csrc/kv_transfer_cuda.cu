@@ -306,14 +306,16 @@ KVC_EXPORT int kvc_cuda_check_device_ptr(const void* ptr, int device) {
   return KVC_OK;
 }
 
-// 1 if host memory at `ptr` is pinned/registered (usable by zero-copy and async DMA), else 0.
+// 1 if host memory at `ptr` is page-locked AND mapped into the device address space, i.e.
+// usable by a zero-copy kernel; else 0. Memory registered without cudaHostRegisterMapped by
+// someone else can be pinned yet have no device alias: callers then take the staged path.
 KVC_EXPORT int kvc_cuda_is_pinned(const void* ptr) {
   cudaPointerAttributes attr;
   if (cudaPointerGetAttributes(&attr, ptr) != cudaSuccess) {
     cudaGetLastError();
     return 0;
   }
-  return attr.type == cudaMemoryTypeHost ? 1 : 0;
+  return attr.type == cudaMemoryTypeHost && attr.devicePointer != nullptr ? 1 : 0;
 }
 
 // Pins an existing host range (e.g. the server's SHM pool). 0 = newly registered,

@@ -6,6 +6,7 @@ Skipped without a GPU. Run on a GPU host with ``KVCONN_KERNELS=native pytest -m 
 from __future__ import annotations
 
 import mmap
+import os
 
 import numpy as np
 import pytest
@@ -24,7 +25,9 @@ pytestmark = [
 
 BACKENDS = ["torch"] + (["native"] if _native.cuda_lib is not None else [])
 MODES = ["staged", "zerocopy"]
-HYPO = settings(max_examples=30, deadline=None, database=None,
+# scripts/gpu_check.sh lowers this for its compute-sanitizer pass.
+HYPO = settings(max_examples=int(os.environ.get("KVCONN_HYPOTHESIS_EXAMPLES", "30")),
+                deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
