@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from kvconn_plugin.client.api import LMCacheClient
@@ -106,14 +107,29 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
+def _parent_death_hook() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that has the kernel SIGTERM the server when its parent goes away.
+
+    libc is loaded here, in the parent: the hook runs in the child of a fork from a
+    multithreaded process (vLLM's), where loading a library or importing a module could
+    deadlock on a lock another thread held at fork time. The signal fires when the *thread*
+    that forked exits, so the caller must be a long-lived thread (workers call this from
+    their main thread while registering the KV caches); the atexit hook covers the rest.
+    """
     try:
         import ctypes
 
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    pr_set_pdeathsig, sigterm = 1, int(signal.SIGTERM)
+
+    def hook() -> None:
+        prctl(pr_set_pdeathsig, sigterm)
+
+    return hook
 
 
 def _launch(config: KVConnConfig, host: str, port: int, url: str) -> AutostartedServer:
@@ -134,7 +150,7 @@ def _launch(config: KVConnConfig, host: str, port: int, url: str) -> Autostarted
                 " ".join(cmd))
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True, preexec_fn=_die_with_parent)
+                                start_new_session=True, preexec_fn=_parent_death_hook())
     server = AutostartedServer(proc, shm_name, log_path, url)
     deadline = time.monotonic() + config.autostart_wait_timeout
     while time.monotonic() < deadline:

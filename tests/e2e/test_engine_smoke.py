@@ -1,7 +1,7 @@
-"""Smoke test for tests/helpers/engine.py: the tiny model on the real CPU engine, no connector.
+"""Smoke test of the engine runners: the tiny model on the real CPU engine, no connector.
 
-Each engine runs in its own child process group (helpers.engine), so a hung or crashed engine
-cannot outlive its test. Outputs are compared only between engines in the same (eager) mode:
+Each engine runs in its own child process group (kvconn_plugin.tools.run_engine and
+tests.helpers.engine), so a hung or crashed engine cannot outlive its test. Outputs are compared only between engines in the same (eager) mode:
 eager and torch.compile runs of a random-weight model differ on bf16 near-ties.
 """
 
@@ -16,8 +16,9 @@ pytest.importorskip("vllm")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # repo root: `tests.helpers`
 
-from tests.helpers.engine import post_json, run_generation, start_vllm_serve  # noqa: E402
+from tests.helpers.engine import post_json, start_vllm_serve  # noqa: E402
 
+from kvconn_plugin.tools.run_engine import run_engine  # noqa: E402
 from kvconn_plugin.tools.tiny_model import PRESETS, write_tiny_llama  # noqa: E402
 
 pytestmark = pytest.mark.engine
@@ -45,7 +46,7 @@ def two_runs(model_dir):
     # The long prompt is repeated so the engine also exercises its local prefix cache; the
     # last prompt is the first one as token ids.
     prompts = [*PROMPTS, PROMPTS[1], tokenize(model_dir, PROMPTS[0])]
-    return [run_generation(model_dir, prompts, max_tokens=12) for _ in range(2)]
+    return [run_engine(model_dir, prompts, max_tokens=12)["results"] for _ in range(2)]
 
 
 def test_greedy_output_is_deterministic_across_engines(two_runs):
@@ -54,7 +55,7 @@ def test_greedy_output_is_deterministic_across_engines(two_runs):
     for r in first:
         assert len(r["token_ids"]) == 12  # the tiny model never samples EOS
         assert r["text"]
-        assert r["ttft"] > 0
+        assert r["ttft_s"] > 0
 
 
 def test_prefix_cache_hit_is_reported(two_runs):
