@@ -25,7 +25,14 @@ from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
+# Machine code for Ampere through Hopper, plus Blackwell where nvcc knows it (12.8+); the PTX of
+# the newest listed arch is embedded too, so later GPUs still load the library (JIT).
 DEFAULT_ARCHS = "80;86;89;90"
+BLACKWELL_ARCHS = "100;120"
+
+
+def default_archs(release: tuple[int, int]) -> str:
+    return f"{DEFAULT_ARCHS};{BLACKWELL_ARCHS}" if release >= (12, 8) else DEFAULT_ARCHS
 
 
 def log(msg: str) -> None:
@@ -105,7 +112,7 @@ def build_cuda(out_dir: Path, info: dict) -> None:
     if release is None or release < (11, 8):
         return skip(f"nvcc {release} is too old or unparsable (need >= 11.8)")
     archs = [a.strip().replace(".", "") for a in
-             os.environ.get("KVCONN_CUDA_ARCHS", DEFAULT_ARCHS).split(";") if a.strip()]
+             os.environ.get("KVCONN_CUDA_ARCHS", default_archs(release)).split(";") if a.strip()]
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     gencode.append(f"-gencode=arch=compute_{archs[-1]},code=compute_{archs[-1]}")  # PTX
     opt = ["-O0", "-g", "-lineinfo"] if os.environ.get("KVCONN_DEBUG") == "1" else ["-O3"]
