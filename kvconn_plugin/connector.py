@@ -109,7 +109,9 @@ class KVConnPluginConnector(KVConnectorBase_V1):
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None  # loads complete before vLLM schedules the request (async loads)
 
-    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any
+    ) -> None:
         return None  # whole chunks are saved after the forward, in wait_for_save
 
     def wait_for_save(self) -> None:
@@ -131,7 +133,9 @@ class KVConnPluginConnector(KVConnectorBase_V1):
 
     # ------------------------------------------------------------------ scheduler side
 
-    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+    def get_num_new_matched_tokens(
+        self, request: Any, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
         return self._sched().get_num_new_matched_tokens(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
@@ -149,7 +153,9 @@ class KVConnPluginConnector(KVConnectorBase_V1):
     def update_connector_output(self, connector_output: Any) -> None:
         self._sched().update_connector_output(connector_output)
 
-    def request_finished(self, request: Any, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+    def request_finished(
+        self, request: Any, block_ids: list[int]
+    ) -> tuple[bool, dict[str, Any] | None]:
         return self._sched().request_finished(request, block_ids)
 
     # ------------------------------------------------------------------ both / class level
@@ -194,7 +200,7 @@ def _global_rank(pc: Any) -> int:
         from vllm.distributed.parallel_state import get_pp_group, get_tp_group
 
         return get_pp_group().rank_in_group * pc.tensor_parallel_size + get_tp_group().rank_in_group
-    except Exception:  # noqa: BLE001 - single-process setups have no groups
+    except Exception:  # single-process setups have no groups
         return int(getattr(pc, "rank", 0) or 0)
 
 

@@ -24,7 +24,9 @@ from kvconn_plugin.tools.run_engine import run_engine
 from kvconn_plugin.tools.tiny_model import PRESETS, write_tiny_llama
 
 
-def make_prompts(n: int, prefix_tokens: int, suffix_tokens: int, vocab: int, seed: int = 0) -> list[list[int]]:
+def make_prompts(
+    n: int, prefix_tokens: int, suffix_tokens: int, vocab: int, seed: int = 0
+) -> list[list[int]]:
     rng = random.Random(seed)
     prefix = [rng.randrange(10, vocab) for _ in range(prefix_tokens)]
     return [prefix + [rng.randrange(10, vocab) for _ in range(suffix_tokens)] for _ in range(n)]
@@ -60,9 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         # The server must outlive engine #1 so engine #2 can hit it: start it from here.
         server = maybe_autostart(parse_config(extra), f"tcp://127.0.0.1:{port}")
         try:
-            e1 = run_engine(model, prompts, kv_transfer_config=kvt, max_tokens=args.max_tokens, log_path=log)
+            e1 = run_engine(model, prompts, kv_transfer_config=kvt, max_tokens=args.max_tokens,
+                            log_path=log)
             print("[demo] engine #1 (stores) done", flush=True)
-            e2 = run_engine(model, prompts, kv_transfer_config=kvt, max_tokens=args.max_tokens, log_path=log)
+            e2 = run_engine(model, prompts, kv_transfer_config=kvt, max_tokens=args.max_tokens,
+                            log_path=log)
             print("[demo] engine #2 (fresh, loads) done", flush=True)
         finally:
             if server is not None:
@@ -80,7 +84,7 @@ def report(prompts: list[list[int]], base: dict, e1: dict, e2: dict) -> int:
         same = b["token_ids"] == r1["token_ids"] == r2["token_ids"]
         ok &= same
         print(f"{i:>6} {len(ids):>6} {r2['num_cached_tokens']:>15} {b['ttft_s']:>11.3f} "
-              f"{r1['ttft_s']:>9.3f} {r2['ttft_s']:>9.3f} {str(same):>11}")
+              f"{r1['ttft_s']:>9.3f} {r2['ttft_s']:>9.3f} {same!s:>11}")
     hit = e2["results"][0]["num_cached_tokens"]
     print()
     print(f"first prompt on fresh engine #2: {hit} tokens from LMCache; TTFT "

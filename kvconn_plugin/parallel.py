@@ -26,4 +26,5 @@ def kv_ranks(*, mla: bool, world_size: int, rank: int, tp_size: int, n_servers: 
         readers = max(1, -(-(tp_size // n_servers) // 1))
         return KVRanks(kv_world, worker, readers, max(1, tp_size // n_servers),
                        rank % tp_size == 0, server_index)
-    return KVRanks(per_server, rank % per_server, 1, max(1, tp_size // n_servers), True, server_index)
+    return KVRanks(per_server, rank % per_server, 1, max(1, tp_size // n_servers), True,
+                   server_index)

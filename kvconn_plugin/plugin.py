@@ -14,6 +14,7 @@ What it does:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 
@@ -26,7 +27,8 @@ _ROUTED_ATTR = "_kvconn_routed"
 
 
 def route_lmcache_mp() -> bool:
-    return os.environ.get("KVCONN_ROUTE_LMCACHE_MP", "1").strip().lower() not in ("0", "false", "no", "off")
+    value = os.environ.get("KVCONN_ROUTE_LMCACHE_MP", "1").strip().lower()
+    return value not in ("0", "false", "no", "off")
 
 
 def register() -> None:
@@ -35,7 +37,7 @@ def register() -> None:
 
         attach_to_vllm_logging()
         _register()
-    except Exception:  # noqa: BLE001 - a plugin must never take vLLM down
+    except Exception:  # a plugin must never take vLLM down
         logger.exception("kvconn: plugin registration failed; the connector is unavailable")
 
 
@@ -45,10 +47,9 @@ def _register() -> None:
     except ImportError:
         logger.debug("kvconn: vLLM not importable; nothing to register")
         return
-    try:
-        KVConnectorFactory.register_connector(CONNECTOR_NAME, "kvconn_plugin.resolved", CONNECTOR_NAME)
-    except ValueError:
-        pass  # already registered in this process
+    with contextlib.suppress(ValueError):  # already registered in this process
+        KVConnectorFactory.register_connector(CONNECTOR_NAME, "kvconn_plugin.resolved",
+                                              CONNECTOR_NAME)
     _wrap_get_connector_class(KVConnectorFactory)
 
 

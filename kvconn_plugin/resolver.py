@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 LMCACHE_CONNECTOR_MODULE = "lmcache.integration.vllm.lmcache_mp_connector"
 LMCACHE_ADAPTER_MODULE = "lmcache.integration.vllm.vllm_multi_process_adapter"
 MIN_LMCACHE = (0, 5, 6)
-_PARALLEL_FIELDS = ("mla_only", "vllm_world_size", "vllm_worker_id", "tp_size", "pp_size", "n_servers")
+_PARALLEL_FIELDS = ("mla_only", "vllm_world_size", "vllm_worker_id", "tp_size", "pp_size",
+                    "n_servers")
 _logged: set[tuple[str, str]] = set()
 
 
@@ -50,7 +51,7 @@ def lmcache_connector_class() -> tuple[type | None, str]:
         module = importlib.import_module(LMCACHE_CONNECTOR_MODULE)
         cls = module.LMCacheMPConnector
         adapters = importlib.import_module(LMCACHE_ADAPTER_MODULE)
-    except Exception as exc:  # noqa: BLE001 - any import failure means "not usable"
+    except Exception as exc:  # any import failure means "not usable"
         return None, f"lmcache's connector does not import ({type(exc).__name__}: {exc})"
     if "kv_cache_config" not in inspect.signature(cls.__init__).parameters:
         return None, "lmcache's connector lacks the kv_cache_config constructor argument"
@@ -68,7 +69,9 @@ def requested_impl(extra: Mapping[str, Any] | None = None) -> str:
     impl = (os.environ.get("KVCONN_IMPL") or (extra or {}).get("kvconn.impl") or "auto")
     impl = str(impl).strip().lower()
     if impl not in ("auto", "lmcache", "builtin"):
-        raise KVConnConfigError(f"KVCONN_IMPL / kvconn.impl = {impl!r}; accepted: auto, lmcache, builtin")
+        raise KVConnConfigError(
+            f"KVCONN_IMPL / kvconn.impl = {impl!r}; accepted: auto, lmcache, builtin"
+        )
     return impl
 
 

@@ -6,6 +6,7 @@ directory needs.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import itertools
 import os
@@ -49,7 +50,7 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
             build = info.get("build", {}).get("BUILD_TIME")
             lines.append(f"kvconn_plugin.ops backend: {backend} ({detail or ops.__file__}"
                          f"{', built ' + str(build) if build else ''})")
-    except Exception as exc:  # noqa: BLE001 - a broken ops build must not hide the test run
+    except Exception as exc:  # a broken ops build must not hide the test run
         lines.append(f"kvconn_plugin.ops backend: import failed: {exc!r}")
     return lines
 
@@ -62,7 +63,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         import torch
 
         has_gpu = bool(torch.cuda.is_available())
-    except Exception:  # noqa: BLE001 - no torch or no driver both mean "no GPU"
+    except Exception:  # no torch or no driver both mean "no GPU"
         has_gpu = False
     if has_gpu:
         return
@@ -315,16 +316,12 @@ class LMCacheServer:
                 except subprocess.TimeoutExpired:
                     continue
         if proc is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.pid, signal.SIGKILL)  # stragglers left in the group
-            except (ProcessLookupError, PermissionError):
-                pass
             proc.poll()
         if self.pool_path:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.pool_path)
-            except FileNotFoundError:
-                pass
 
     def restart(self, *, chunk_size: int | None = None,
                 transfer_mode: str | None = None) -> LMCacheServer:
@@ -353,10 +350,8 @@ class LMCacheServer:
         """SIGKILL the whole group at once, as ``kill -9`` would (works on a frozen server),
         then clean up as :meth:`kill` does."""
         if self.process is not None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             self.process.wait(timeout=30)
         self.kill()
 
@@ -375,7 +370,9 @@ class _ServerExited(RuntimeError):
 
 
 @pytest.fixture(scope="session")
-def lmcache_server_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., LMCacheServer]]:
+def lmcache_server_factory(
+    request: pytest.FixtureRequest,
+) -> Iterator[Callable[..., LMCacheServer]]:
     """Start real LMCache servers: ``factory(shm=True, chunk_size=None, transfer_mode="auto",
     l1_size_gb=1, extra_args=())``. All are killed at the end of the session; their logs
     are kept (and their paths printed) when any test failed."""

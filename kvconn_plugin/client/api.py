@@ -92,19 +92,29 @@ class LMCacheClient:
             raise KVConnProtocolError(f"ping returned {ok!r}")
         return True
 
-    def ping_async(self, instance_id: int | None = None, timeout: float | None = None) -> ReplyFuture:
-        return self.transport.submit(Op.PING, instance_id, timeout=timeout or self.control_timeout, wake=self._wake)
+    def ping_async(
+        self, instance_id: int | None = None, timeout: float | None = None
+    ) -> ReplyFuture:
+        return self.transport.submit(
+            Op.PING, instance_id, timeout=timeout or self.control_timeout, wake=self._wake
+        )
 
     def clear(self, force: bool = False) -> None:
         self._call(Op.CLEAR, force)
 
     # ------------------------------------------------------------------ scheduler side
 
-    def lookup_async(self, key: CacheKey, tp_size: int = 1, timeout: float | None = None) -> ReplyFuture:
+    def lookup_async(
+        self, key: CacheKey, tp_size: int = 1, timeout: float | None = None
+    ) -> ReplyFuture:
         """Send LOOKUP; the future resolves (to ``None``) when the server acknowledged it."""
-        return self.transport.submit(Op.LOOKUP, key, tp_size, timeout=timeout or self.control_timeout, wake=self._wake)
+        return self.transport.submit(
+            Op.LOOKUP, key, tp_size, timeout=timeout or self.control_timeout, wake=self._wake
+        )
 
-    def query_prefetch_status_async(self, request_id: str, timeout: float | None = None) -> ReplyFuture:
+    def query_prefetch_status_async(
+        self, request_id: str, timeout: float | None = None
+    ) -> ReplyFuture:
         """Future of the hit count in chunks, or ``None`` while the server still prefetches.
 
         The server reports a result exactly once; a second query answers 0.
@@ -115,19 +125,26 @@ class LMCacheClient:
         )
 
     def free_lookup_locks_async(self, key: CacheKey, tp_size: int = 1) -> ReplyFuture:
-        return self.transport.submit(Op.FREE_LOOKUP_LOCKS, key, tp_size, timeout=self.control_timeout, wake=self._wake)
+        return self.transport.submit(
+            Op.FREE_LOOKUP_LOCKS, key, tp_size, timeout=self.control_timeout, wake=self._wake
+        )
 
     def end_session_async(self, request_id: str) -> ReplyFuture:
-        return self.transport.submit(Op.END_SESSION, request_id, timeout=self.control_timeout, wake=self._wake)
+        return self.transport.submit(
+            Op.END_SESSION, request_id, timeout=self.control_timeout, wake=self._wake
+        )
 
     def report_block_allocation_async(
         self, instance_id: int, model_name: str, records: list[BlockAllocationRecord]
     ) -> ReplyFuture:
         return self.transport.submit(
-            Op.REPORT_BLOCK_ALLOCATION, instance_id, model_name, records, timeout=self.control_timeout
+            Op.REPORT_BLOCK_ALLOCATION, instance_id, model_name, records,
+            timeout=self.control_timeout,
         )
 
-    def lookup(self, key: CacheKey, poll_interval: float = 0.001, timeout: float | None = None) -> int:
+    def lookup(
+        self, key: CacheKey, poll_interval: float = 0.001, timeout: float | None = None
+    ) -> int:
         """Blocking LOOKUP + QUERY until a result arrives; returns hit chunks (tools/tests).
 
         ``timeout`` bounds the whole exchange, and each request gets the time that is left
@@ -166,7 +183,9 @@ class LMCacheClient:
         return self._call(Op.PREPARE_STORE, key, instance_id, timeout=self.transfer_timeout)  # type: ignore[return-value]
 
     def commit_store(self, key: CacheKey, instance_id: int, data: bytes = b"") -> bool:
-        return bool(self._call(Op.COMMIT_STORE, key, instance_id, data, timeout=self.transfer_timeout))
+        return bool(
+            self._call(Op.COMMIT_STORE, key, instance_id, data, timeout=self.transfer_timeout)
+        )
 
     def prepare_retrieve(self, key: CacheKey, instance_id: int) -> PrepareRetrieveReply:
         return self._call(Op.PREPARE_RETRIEVE, key, instance_id, timeout=self.transfer_timeout)  # type: ignore[return-value]

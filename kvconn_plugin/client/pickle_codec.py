@@ -161,7 +161,7 @@ def decode_chunks(
     shape = tuple(int(d) for d in expected_shape)
     try:
         obj = _TensorUnpickler(io.BytesIO(data)).load()
-    except Exception as exc:  # noqa: BLE001 - anything the payload provokes is its fault
+    except Exception as exc:  # anything the payload provokes is its fault
         raise KVConnProtocolError(f"undecodable chunk data: {exc!r}") from exc
     if not isinstance(obj, list):
         raise KVConnProtocolError(f"chunk data is a {type(obj).__name__}, expected a list")

@@ -179,7 +179,9 @@ OP_SPECS: dict[Op, OpSpec] = {
 OPTIONAL_BODY = frozenset({Op.QUERY_PREFETCH_STATUS})
 
 _encoder = msgspec.msgpack.Encoder()
-_DECODERS: dict[Op, msgspec.msgpack.Decoder | None] = {op: s.decoder() for op, s in OP_SPECS.items()}
+_DECODERS: dict[Op, msgspec.msgpack.Decoder | None] = {
+    op: s.decoder() for op, s in OP_SPECS.items()
+}
 
 
 def encode_request(uid: int, op: Op, args: tuple[Any, ...]) -> list[bytes]:
@@ -230,5 +232,6 @@ def validate_key(key: CacheKey, chunk_size: int) -> None:
 def validate_cache_salt(salt: str) -> None:
     if len(salt) > MAX_CACHE_SALT_LEN or _FORBIDDEN_SALT_CHARS.intersection(salt):
         raise ValueError(
-            f"cache_salt must be at most {MAX_CACHE_SALT_LEN} characters without '@', '/', '\\' or NUL"
+            f"cache_salt must be at most {MAX_CACHE_SALT_LEN} characters "
+            "without '@', '/', '\\' or NUL"
         )

@@ -22,7 +22,7 @@ _LOCK = threading.Lock()
 
 
 class ReplyFuture:
-    __slots__ = ("_state", "_value", "_callbacks", "_event")
+    __slots__ = ("_callbacks", "_event", "_state", "_value")
 
     def __init__(self) -> None:
         self._state = _PENDING
@@ -98,5 +98,5 @@ class ReplyFuture:
     def _run(self, fn: Callable[[ReplyFuture], Any]) -> None:
         try:
             fn(self)
-        except Exception:  # noqa: BLE001 - a callback must not break the settling thread
+        except Exception:  # a callback must not break the settling thread
             logger.exception("kvconn: reply callback %r failed", fn)

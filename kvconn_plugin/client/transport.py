@@ -13,6 +13,7 @@ later (a restarted server has no registrations and a new SHM pool).
 from __future__ import annotations
 
 import collections
+import contextlib
 import heapq
 import itertools
 import logging
@@ -50,7 +51,7 @@ ZERO_COPY_MIN = 65536  # pyzmq's own copy threshold
 class _Pending:
     """One request from submit to its reply (slotted: built once per call on hot paths)."""
 
-    __slots__ = ("uid_frame", "op", "frames", "deadline", "future", "sent", "zero_copy")
+    __slots__ = ("deadline", "frames", "future", "op", "sent", "uid_frame", "zero_copy")
 
     def __init__(self, uid_frame: bytes, op: Op, frames: list[bytes], deadline: float,
                  zero_copy: bool = False):
@@ -124,7 +125,9 @@ class MQTransport:
         """Whether a TCP/IPC connection to the server is up right now (not liveness)."""
         return self._connected.is_set()
 
-    def submit(self, op: Op, *args: Any, timeout: float | None = None, wake: bool = True) -> ReplyFuture:
+    def submit(
+        self, op: Op, *args: Any, timeout: float | None = None, wake: bool = True
+    ) -> ReplyFuture:
         """Queue one request; the future resolves to the decoded reply or a typed error.
 
         ``wake=False`` leaves the request queued until the next :meth:`flush` (or any
@@ -162,7 +165,10 @@ class MQTransport:
                 self._wake()
 
     def call(self, op: Op, *args: Any, timeout: float | None = None) -> Any:
-        """Submit and wait; raises ``KVConnTimeout``/``KVConnUnavailable``/``KVConnProtocolError``."""
+        """Submit and wait.
+
+        Raises ``KVConnTimeout``, ``KVConnUnavailable`` or ``KVConnProtocolError``.
+        """
         fut = self.submit(op, *args, timeout=timeout)
         return wait(fut, op, self.timeout if timeout is None else timeout)
 
@@ -183,10 +189,9 @@ class MQTransport:
         self.close()
 
     def _wake(self) -> None:
-        try:
+        # pipe full means a wake-up is already pending; closed means shutting down
+        with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wake_w, b"\x01")
-        except (BlockingIOError, OSError):
-            pass  # pipe full means a wake-up is already pending; closed means shutting down
 
     # ------------------------------------------------------------------ I/O thread
 
@@ -206,7 +211,7 @@ class MQTransport:
                     self._drain_replies()
                 self._flush_outbox()
                 self._expire(time.monotonic())
-        except Exception:  # noqa: BLE001 - the I/O thread must never die silently
+        except Exception:  # the I/O thread must never die silently
             logger.exception("kvconn I/O thread for %s failed", self.url)
         finally:
             self._shutdown_io()
@@ -226,10 +231,8 @@ class MQTransport:
         # which makes the next poll return at once.
         self._wake_pending = False
         # One read: anything left over just makes the next poll return at once.
-        try:
+        with contextlib.suppress(BlockingIOError, OSError):
             os.read(self._wake_r, 65536)
-        except (BlockingIOError, OSError):
-            pass
 
     def _drain_monitor(self) -> None:
         while True:
@@ -267,7 +270,8 @@ class MQTransport:
             for p in lost:
                 del self._pending[p.uid_frame]
         for p in lost:
-            _fail(p.future, KVConnInFlightLost(f"{reason} with {p.op.name} in flight; outcome unknown"))
+            _fail(p.future,
+                  KVConnInFlightLost(f"{reason} with {p.op.name} in flight; outcome unknown"))
         return len(lost)
 
     def _flush_outbox(self) -> None:
@@ -332,7 +336,7 @@ class MQTransport:
         except KVConnProtocolError as exc:
             _fail(pend.future, exc)
             return
-        except Exception as exc:  # noqa: BLE001 - one bad reply must not kill the I/O thread
+        except Exception as exc:  # one bad reply must not kill the I/O thread
             _fail(pend.future, KVConnProtocolError(f"{pend.op.name}: undecodable reply: {exc!r}"))
             return
         _resolve(pend.future, result)
@@ -365,10 +369,8 @@ class MQTransport:
             self._deadlines.clear()
         for p in leftovers:
             _fail(p.future, KVConnClosed(f"client for {self.url} closed"))
-        try:
+        with contextlib.suppress(zmq.ZMQError):
             self._sock.disable_monitor()
-        except zmq.ZMQError:
-            pass
         self._monitor.close(linger=0)
         self._sock.close(linger=0)
         self._ctx.term()
@@ -378,10 +380,8 @@ class MQTransport:
             fds = (self._wake_r, self._wake_w)
             self._wake_r = self._wake_w = -1
         for fd in fds:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
 
 
 def wait(fut: ReplyFuture, op: Op, timeout: float) -> Any:

@@ -38,7 +38,7 @@ class TorchTransfer:
             1,
         )
         self.paged = []
-        for view, base in zip(views, bases):
+        for view, base in zip(views, bases, strict=True):
             flat = _storage_bytes(view)
             offset = base - view.untyped_storage().data_ptr()
             self.paged.append(flat.as_strided(shape, strides, offset))

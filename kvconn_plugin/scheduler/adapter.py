@@ -11,6 +11,7 @@ thread copies), so a full-prompt hit never reaches the synchronous-load assert.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -82,7 +83,8 @@ class SchedulerAdapter:
                 self.client.close()
                 raise KVConnError(
                     f"no LMCache server answered at {self.client.url} within "
-                    f"{config.connect_timeout:.0f}s (kvconn.require_server is set). Start one with: "
+                    f"{config.connect_timeout:.0f}s (kvconn.require_server is set). "
+                    "Start one with: "
                     "lmcache server --l1-size-gb 20 --eviction-policy LRU "
                     "--supported-transfer-mode auto --shm-name kvconn"
                 )
@@ -110,7 +112,8 @@ class SchedulerAdapter:
     def _tracker(self, request: Any) -> RequestTracker:
         tr = self._trackers.get(request.request_id)
         if tr is None:
-            tr = RequestTracker(request.request_id, request, getattr(request, "cache_salt", None) or "")
+            tr = RequestTracker(request.request_id, request,
+                                getattr(request, "cache_salt", None) or "")
             self._trackers[request.request_id] = tr
         return tr
 
@@ -159,7 +162,9 @@ class SchedulerAdapter:
         return self.client.transport.submit(
             Op.QUERY_PREFETCH_STATUS, request_id, timeout=self.client.control_timeout)
 
-    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+    def get_num_new_matched_tokens(
+        self, request: Any, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
         """Tokens beyond ``num_computed_tokens`` the cache can provide (EngineCore process).
 
         Returns ``(None, False)`` while the lookup is in flight. The answer depends only on
@@ -345,7 +350,8 @@ class SchedulerAdapter:
                 tr.load_from = -1
             self._release_locks(tr)
             if not tr.locks_settled:
-                self._closing[f"{tr.request_id}#pre{id(tr)}"] = (tr, time.monotonic() + DRAIN_TIMEOUT)
+                self._closing[f"{tr.request_id}#pre{id(tr)}"] = (
+                    tr, time.monotonic() + DRAIN_TIMEOUT)
         fresh = RequestTracker(tr.request_id, tr.request, tr.cache_salt)
         fresh.stored_end = tr.stored_end
         self._trackers[tr.request_id] = fresh
@@ -391,10 +397,8 @@ class SchedulerAdapter:
     def _end_session(self, tr: RequestTracker) -> None:
         if tr.state is LookupState.IDLE:
             return  # never looked up: the server has no session for it
-        try:
+        with contextlib.suppress(KVConnError):
             self.client.end_session_async(tr.request_id)
-        except KVConnError:
-            pass
 
     def _drain_closing(self) -> None:
         """Retry finished requests whose lookup result was still unknown (once per step)."""
@@ -442,7 +446,8 @@ class _ServerHealth:
 
     def report_failure(self, exc: Exception) -> None:
         if self.healthy:
-            _warn.warning("server-down", "kvconn: LMCache server call failed (%s); checking it", exc)
+            _warn.warning("server-down", "kvconn: LMCache server call failed (%s); checking it",
+                          exc)
         self._task.poke()
 
     def check_now(self, wait: float) -> None:
@@ -458,7 +463,8 @@ class _ServerHealth:
             owner.stats.set_degraded(True)
             return
         if owner.block_size and chunk % owner.block_size:
-            self._disable(f"server chunk size {chunk} is not a multiple of block size {owner.block_size}")
+            self._disable(f"server chunk size {chunk} is not a multiple of block size "
+                          f"{owner.block_size}")
             return
         if owner.chunk_size is not None and chunk != owner.chunk_size:
             self._disable(f"server chunk size changed from {owner.chunk_size} to {chunk}")

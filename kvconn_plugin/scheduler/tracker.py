@@ -73,7 +73,7 @@ class RequestTracker:
             return
         try:
             self.query_future = submit_query(self.request_id)
-        except Exception:  # noqa: BLE001 - closed client: count as a miss
+        except Exception:  # closed client: count as a miss
             self.state = LookupState.FAILED
             return
         self.state = LookupState.QUERYING  # after query_future is set: readers check state

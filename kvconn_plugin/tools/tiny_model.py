@@ -61,24 +61,24 @@ CHAT_TEMPLATE = (
 )
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "small": dict(
-        num_layers=2,
-        hidden_size=256,
-        num_heads=4,
-        num_kv_heads=2,
-        head_dim=64,
-        intermediate_size=512,
-        vocab_size=512,
-    ),
-    "bench": dict(
-        num_layers=8,
-        hidden_size=1024,
-        num_heads=16,
-        num_kv_heads=8,
-        head_dim=64,
-        intermediate_size=2816,
-        vocab_size=4096,
-    ),
+    "small": {
+        "num_layers": 2,
+        "hidden_size": 256,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "head_dim": 64,
+        "intermediate_size": 512,
+        "vocab_size": 512,
+    },
+    "bench": {
+        "num_layers": 8,
+        "hidden_size": 1024,
+        "num_heads": 16,
+        "num_kv_heads": 8,
+        "head_dim": 64,
+        "intermediate_size": 2816,
+        "vocab_size": 4096,
+    },
 }
 
 # Bumped whenever the on-disk output of write_tiny_llama changes, so cached copies are rebuilt.
@@ -97,7 +97,8 @@ def _corpus(seed: int, n_lines: int = 4000) -> list[str]:
         for v in ("a", "e", "i", "o", "u", "ai", "ou", "ee")
     ]
     words = ["".join(rng.choice(syllables) for _ in range(rng.randint(1, 3))) for _ in range(600)]
-    words += "the of and to in is was for on that with as it by at from this be or are".split()
+    words += ["the", "of", "and", "to", "in", "is", "was", "for", "on", "that", "with", "as",
+              "it", "by", "at", "from", "this", "be", "or", "are"]
     lines = []
     for _ in range(n_lines):
         n = rng.randint(4, 14)
@@ -143,7 +144,7 @@ def _weights(cfg: dict[str, Any], seed: int, dtype) -> dict:
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    H, V, I = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"]
+    H, V, FF = cfg["hidden_size"], cfg["vocab_size"], cfg["intermediate_size"]
     nh, nkv, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
 
     def rnd(*shape, std):
@@ -157,9 +158,9 @@ def _weights(cfg: dict[str, Any], seed: int, dtype) -> dict:
         w[p + "self_attn.k_proj.weight"] = rnd(nkv * hd, H, std=H**-0.5)
         w[p + "self_attn.v_proj.weight"] = rnd(nkv * hd, H, std=H**-0.5)
         w[p + "self_attn.o_proj.weight"] = rnd(H, nh * hd, std=(nh * hd) ** -0.5)
-        w[p + "mlp.gate_proj.weight"] = rnd(I, H, std=H**-0.5)
-        w[p + "mlp.up_proj.weight"] = rnd(I, H, std=H**-0.5)
-        w[p + "mlp.down_proj.weight"] = rnd(H, I, std=I**-0.5)
+        w[p + "mlp.gate_proj.weight"] = rnd(FF, H, std=H**-0.5)
+        w[p + "mlp.up_proj.weight"] = rnd(FF, H, std=H**-0.5)
+        w[p + "mlp.down_proj.weight"] = rnd(H, FF, std=FF**-0.5)
         w[p + "input_layernorm.weight"] = torch.ones(H, dtype=dtype)
         w[p + "post_attention_layernorm.weight"] = torch.ones(H, dtype=dtype)
     w["model.norm.weight"] = torch.ones(H, dtype=dtype)
@@ -203,12 +204,13 @@ def write_tiny_llama(
         dtype
     ]
     path = Path(path)
-    args = dict(
-        num_layers=num_layers, hidden_size=hidden_size, num_heads=num_heads,
-        num_kv_heads=num_kv_heads, head_dim=head_dim, intermediate_size=intermediate_size,
-        vocab_size=vocab_size, max_position_embeddings=max_position_embeddings, dtype=dtype,
-        seed=seed, format=_FORMAT_VERSION,
-    )  # fmt: skip
+    args = {
+        "num_layers": num_layers, "hidden_size": hidden_size, "num_heads": num_heads,
+        "num_kv_heads": num_kv_heads, "head_dim": head_dim,
+        "intermediate_size": intermediate_size, "vocab_size": vocab_size,
+        "max_position_embeddings": max_position_embeddings, "dtype": dtype,
+        "seed": seed, "format": _FORMAT_VERSION,
+    }  # fmt: skip
     stamp = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()
     if _stamp_matches(path, stamp):
         return path

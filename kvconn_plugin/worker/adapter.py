@@ -64,7 +64,8 @@ class WorkerAdapter:
         self.kv_split = kv_split
         self._client_factory = client_factory or (
             lambda url: LMCacheClient(
-                url, control_timeout=config.control_timeout, transfer_timeout=config.transfer_timeout
+                url, control_timeout=config.control_timeout,
+                transfer_timeout=config.transfer_timeout,
             )
         )
         self.session: ServerSession | None = None
@@ -134,7 +135,7 @@ class WorkerAdapter:
             except KVConnError as exc:
                 _warn.warning("load", "kvconn: load of %s failed (%s); vLLM recomputes it",
                               spec.request_id, exc)
-            except Exception:  # noqa: BLE001 - a bug here must not kill the engine
+            except Exception:  # a bug here must not kill the engine
                 logger.exception("kvconn: unexpected error loading %s", spec.request_id)
         if not ok:
             self.stats.record("load_failures")
@@ -153,7 +154,7 @@ class WorkerAdapter:
             except KVConnError as exc:
                 self.stats.record("store_failures")
                 _warn.warning("store", "kvconn: store of %s dropped (%s)", spec.request_id, exc)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 self.stats.record("store_failures")
                 logger.exception("kvconn: unexpected error storing %s", spec.request_id)
 

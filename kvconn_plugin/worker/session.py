@@ -10,6 +10,7 @@ so layouts never mix.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -129,9 +130,8 @@ class ServerSession:
         pool = ShmPool(shm_name, pool_size)
         from kvconn_plugin import ops
 
-        if self.layout.device != "cpu":
-            if not ops.pin_host_memory(pool.address, pool.size):
-                logger.warning("kvconn: could not pin the SHM pool; GPU copies will be slower")
+        if self.layout.device != "cpu" and not ops.pin_host_memory(pool.address, pool.size):
+            logger.warning("kvconn: could not pin the SHM pool; GPU copies will be slower")
         self.pool = pool
 
     def _unpin(self, pool: ShmPool) -> None:
@@ -218,7 +218,8 @@ class ServerSession:
             raise KVConnProtocolError("token ids shorter than the range")
         lay = self.layout
         hidden = lay.num_heads * lay.run_bytes // self._itemsize()
-        shape = (lay.num_layers, chunk, hidden) if self.use_mla else (2, lay.num_layers, chunk, hidden)
+        shape = ((lay.num_layers, chunk, hidden) if self.use_mla
+                 else (2, lay.num_layers, chunk, hidden))
         return nchunks, chunk // lay.block_size, shape
 
     def _kernel_blocks(self, block_ids: tuple[int, ...]) -> list[int]:
@@ -244,7 +245,7 @@ class ServerSession:
             if not ctx.slots:
                 return  # everything already cached (or no room): no commit expected
             views = []
-            for slot, ci in zip(ctx.slots, ctx.chunk_indices):
+            for slot, ci in zip(ctx.slots, ctx.chunk_indices, strict=True):
                 if ci >= nchunks:
                     raise KVConnProtocolError(f"prepare_store: chunk index {ci} >= {nchunks}")
                 views.append((ci, pool.slot_view(slot, shape, self.dtype_name)))
@@ -319,7 +320,8 @@ class ServerSession:
         else:
             slots = reply.context.slots
             if len(slots) != nchunks:
-                raise KVConnProtocolError(f"prepare_retrieve: {len(slots)} slots for {nchunks} chunks")
+                raise KVConnProtocolError(
+                    f"prepare_retrieve: {len(slots)} slots for {nchunks} chunks")
             sources = [pool.slot_view(s, shape, self.dtype_name) for s in slots]
         with self._xfer_lock:
             for ci, src in enumerate(sources):
@@ -336,10 +338,8 @@ class ServerSession:
         self._heartbeat_task.stop()
         with self._reg_lock:
             if self.healthy:
-                try:
+                with contextlib.suppress(KVConnError):
                     self.client.unregister_engine_driven(self.instance_id, timeout=1.0)
-                except KVConnError:
-                    pass
             if self.pool is not None:
                 self._unpin(self.pool)
                 self.pool.close()

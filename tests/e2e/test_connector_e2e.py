@@ -56,7 +56,7 @@ def test_fresh_engine_hits_and_matches_baseline(tiny_model, lmcache_server_facto
     base = run_engine(tiny_model, prompts, log_path=log)
     e1 = run_engine(tiny_model, prompts, kv_transfer_config=_kvt(server), log_path=log)
     e2 = run_engine(tiny_model, prompts, kv_transfer_config=_kvt(server), log_path=log)
-    for b, r1, r2 in zip(base["results"], e1["results"], e2["results"]):
+    for b, r1, r2 in zip(base["results"], e1["results"], e2["results"], strict=False):
         assert r1["token_ids"] == b["token_ids"]
         assert r2["token_ids"] == b["token_ids"]
     # Engine #1's first prompt had nothing to hit; engine #2's first prompt is cold in
@@ -69,7 +69,8 @@ def test_model_namespace_isolates_engines(tiny_model, lmcache_server_factory, tm
     server = lmcache_server_factory()
     prompts = _prompts(n=1, seed=2)
     run_engine(tiny_model, prompts, kv_transfer_config=_kvt(server), log_path=tmp_path / "l")
-    other = run_engine(tiny_model, prompts, kv_transfer_config=_kvt(server, **{"kvconn.model_name": "tenant-b"}),
+    other = run_engine(tiny_model, prompts,
+                       kv_transfer_config=_kvt(server, **{"kvconn.model_name": "tenant-b"}),
                        log_path=tmp_path / "l")
     assert other["results"][0]["num_cached_tokens"] == 0
 
@@ -138,8 +139,9 @@ def test_asyncllm_script_sets_impl_inside(tiny_model, lmcache_server_factory, tm
         from vllm.inputs import TokensPrompt
 
         async def main():
-            args = AsyncEngineArgs(model={str(tiny_model)!r}, max_model_len=4096, enforce_eager=True,
-                dtype="bfloat16", kv_transfer_config=KVTransferConfig(kv_connector="KVConnPluginConnector",
+            args = AsyncEngineArgs(model={str(tiny_model)!r}, max_model_len=4096,
+                enforce_eager=True, dtype="bfloat16",
+                kv_transfer_config=KVTransferConfig(kv_connector="KVConnPluginConnector",
                 kv_role="kv_both", kv_connector_extra_config={{"lmcache.mp.host": {host!r},
                 "lmcache.mp.port": {int(port)}, "lmcache.mp.autostart": False}}))
             llm = AsyncLLM.from_engine_args(args)

@@ -45,15 +45,17 @@ CHILD = textwrap.dedent('''
                   seed=0, kv_transfer_config=KVTransferConfig(**spec["kvt"]))
         sp = SamplingParams(temperature=0.0, max_tokens=8)
         def gen(prompts):
-            outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, use_tqdm=False)
-            return [{"ids": list(o.outputs[0].token_ids), "cached": int(o.num_cached_tokens or 0)} for o in outs]
+            outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp,
+                                use_tqdm=False)
+            return [{"ids": list(o.outputs[0].token_ids), "cached": int(o.num_cached_tokens or 0)}
+                    for o in outs]
         res = {"phase1": gen(spec["a"])}
         (d / "phase1").touch(); wait_for(d / "killed")
         res["phase2"] = gen(spec["a"] + spec["b"])          # server dead: no hang, same tokens
         (d / "phase2").touch(); wait_for(d / "restarted")
         time.sleep(spec["settle_s"])                         # heartbeat notices, re-registers
         res["phase3_store"] = gen(spec["c"])
-        llm.reset_prefix_cache()                             # force the next hit to come from LMCache
+        llm.reset_prefix_cache()                             # next hit must come from LMCache
         res["phase3_hit"] = gen(spec["c"])
         (d / "result.json").write_text(json.dumps(res))
         llm.llm_engine.engine_core.shutdown()  # EngineCore and worker unlink their SHM queues
@@ -74,7 +76,8 @@ def _prompts(seed: int, n: int = 2) -> list[list[int]]:
 def _kvt(server, **extra) -> dict:
     host, port = server.url.rsplit(":", 1)
     return {
-        "kv_connector": "KVConnPluginConnector", "kv_connector_module_path": "kvconn_plugin.connector",
+        "kv_connector": "KVConnPluginConnector",
+        "kv_connector_module_path": "kvconn_plugin.connector",
         "kv_role": "kv_both",
         "kv_connector_extra_config": {
             "lmcache.mp.host": host, "lmcache.mp.port": int(port), "lmcache.mp.autostart": False,
@@ -94,22 +97,22 @@ def _phased_run(tmp_path: Path, server, seed: int, after_phase1, after_phase2,
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     (tmp_path / "child.py").write_text(CHILD)
     baseline = run_engine(model, a + b + c, max_tokens=8, log_path=tmp_path / "base.log")
-    log = open(tmp_path / "child.log", "wb")
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "child.py"), str(tmp_path / "spec.json")],
-                            env=child_env(DEFAULT_ENV), stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        _wait(tmp_path / "phase1", proc)
-        after_phase1()
-        (tmp_path / "killed").touch()
-        _wait(tmp_path / "phase2", proc)
-        after_phase2()
-        (tmp_path / "restarted").touch()
-        _wait(tmp_path / "result.json", proc)
-        proc.wait(timeout=120)
-    finally:
-        stop_process_group(proc)  # the whole engine, gracefully; also reaps stragglers
-        log.close()
+    with open(tmp_path / "child.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, str(tmp_path / "child.py"),
+                                 str(tmp_path / "spec.json")],
+                                env=child_env(DEFAULT_ENV), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            _wait(tmp_path / "phase1", proc)
+            after_phase1()
+            (tmp_path / "killed").touch()
+            _wait(tmp_path / "phase2", proc)
+            after_phase2()
+            (tmp_path / "restarted").touch()
+            _wait(tmp_path / "result.json", proc)
+            proc.wait(timeout=120)
+        finally:
+            stop_process_group(proc)  # the whole engine, gracefully; also reaps stragglers
     res = json.loads((tmp_path / "result.json").read_text())
     base_ids = [r["token_ids"] for r in baseline["results"]]
     # Whatever the server did, every phase's tokens equal the no-connector baseline.

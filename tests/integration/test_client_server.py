@@ -14,8 +14,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from kvconn_plugin.client import CacheKey, LMCacheClient, RegisterEngineDrivenPayload  # noqa: E402
-from kvconn_plugin.client import new_instance_id  # noqa: E402
+from kvconn_plugin.client import (  # noqa: E402
+    CacheKey,
+    LMCacheClient,
+    RegisterEngineDrivenPayload,
+    new_instance_id,
+)
 from kvconn_plugin.client.pickle_codec import decode_chunks, encode_chunks  # noqa: E402
 from kvconn_plugin.client.shm_pool import ShmPool  # noqa: E402
 from kvconn_plugin.errors import KVConnUnavailable  # noqa: E402
@@ -47,7 +51,8 @@ class Worker:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+        itemsize = torch.empty((), dtype=getattr(torch, self.dtype)).element_size()
+        return math.prod(self.shape) * itemsize
 
     def key(self, tokens: list[int], end: int, request_id: str, *, salt: str = "",
             worker: bool = True) -> CacheKey:
@@ -68,7 +73,7 @@ class Worker:
         expected = list(range(n_chunks)) if expect_new is None else expect_new
         assert sorted(reply.context.chunk_indices) == expected
         assert self.pool is not None
-        for slot, ci in zip(reply.context.slots, reply.context.chunk_indices):
+        for slot, ci in zip(reply.context.slots, reply.context.chunk_indices, strict=False):
             self.pool.slot_view(slot, self.shape, self.dtype).copy_(data[ci])
         assert self.client.commit_store(key, self.instance_id) is True
         return data
@@ -137,7 +142,7 @@ def test_store_lookup_retrieve_shm_byte_exact(client: LMCacheClient, dtype: str,
         rkey = w.key(tokens, 3 * chunk, key.request_id)
         reply = client.prepare_retrieve(rkey, w.instance_id)
         assert reply.success is True and len(reply.context.slots) == 3
-        for slot, expected in zip(reply.context.slots, written):
+        for slot, expected in zip(reply.context.slots, written, strict=True):
             got = w.pool.slot_view(slot, w.shape, dtype)
             assert torch.equal(got, expected)
             typed = w.pool.typed_view(slot, w.shape, dtype)
@@ -212,7 +217,7 @@ def test_pickle_fallback_round_trip(pickle_server, dtype: str):
             got = client.prepare_retrieve(rkey, w.instance_id)
             assert got.success is True and got.context.slots == []
             out = decode_chunks(got.data, 2, w.shape, dtype)
-            for a, b in zip(chunks, out):
+            for a, b in zip(chunks, out, strict=True):
                 assert b.dtype == torch.uint8 and torch.equal(a.view(-1).view(torch.uint8), b)
             assert client.commit_retrieve(rkey, w.instance_id) is True
             client.end_session(lkey.request_id)
@@ -320,7 +325,7 @@ def test_concurrent_calls_on_one_client(lmcache_server):
                     results[i].append(client.ping(None))
                 else:
                     results[i].append(client.get_chunk_size())
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:  # reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(i,), name=f"test-caller-{i}")

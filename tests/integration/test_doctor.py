@@ -16,7 +16,8 @@ pytestmark = pytest.mark.lmcache_server
 
 def _doctor(extra: dict) -> subprocess.CompletedProcess:
     env = {**os.environ, "LMCACHE_TRACK_USAGE": "false", "DO_NOT_TRACK": "1"}
-    return subprocess.run([sys.executable, "-m", "kvconn_plugin", "doctor", "--extra-config", json.dumps(extra)],
+    return subprocess.run([sys.executable, "-m", "kvconn_plugin", "doctor",
+                           "--extra-config", json.dumps(extra)],
                           capture_output=True, text=True, timeout=180, env=env)
 
 

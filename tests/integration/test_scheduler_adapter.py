@@ -6,6 +6,7 @@ so lookups, hits and lock bookkeeping are the server's own.
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 
@@ -63,7 +64,7 @@ def test_miss_schedules_and_plans_stores(server):
         time.sleep(0.002)
     # Whole chunks only, contiguous from 0, never past the computed tokens.
     assert stores and stores[0].start == 0 and stores[-1].end == 512
-    assert all(b.start == a.end for a, b in zip(stores, stores[1:]))
+    assert all(b.start == a.end for a, b in itertools.pairwise(stores))
     assert all(len(s.block_ids) == (s.end - s.start) // h.block_size for s in stores)
     h.assert_empty()
     h.connector.shutdown()

@@ -137,7 +137,7 @@ def server(lmcache_server_factory):
 def test_retrieve_in_flight_when_server_dies_becomes_load_error_then_hits_resume(server):
     w = Worker(server)
     try:
-        toks, blocks = _tokens(2 * CHUNK, 1), range(0, 2 * CHUNK // BLOCK)
+        toks, blocks = _tokens(2 * CHUNK, 1), range(2 * CHUNK // BLOCK)
         w.fill(blocks, seed=1)
         expected = w.blocks_bytes(blocks)
         w.store(_spec("a-store", toks, blocks))
@@ -175,7 +175,7 @@ def test_retrieve_in_flight_when_server_dies_becomes_load_error_then_hits_resume
         assert _lookup(server, "b-load", toks) == 2
         _, errors = w.load(_spec("b-load", toks, dst))
         assert errors == set()
-        for t, ref in zip(w.kv, expected):
+        for t, ref in zip(w.kv, expected, strict=True):
             assert torch.equal(t[dst.start:dst.stop].view(torch.uint8), ref.view(torch.uint8))
     finally:
         w.close()
@@ -184,7 +184,7 @@ def test_retrieve_in_flight_when_server_dies_becomes_load_error_then_hits_resume
 def test_store_in_flight_when_server_dies_is_dropped_without_raising(server):
     w = Worker(server)
     try:
-        toks, blocks = _tokens(CHUNK, 2), range(0, CHUNK // BLOCK)
+        toks, blocks = _tokens(CHUNK, 2), range(CHUNK // BLOCK)
         w.fill(blocks, seed=2)
         server.freeze()
         done = threading.Event()
@@ -193,7 +193,7 @@ def test_store_in_flight_when_server_dies_is_dropped_without_raising(server):
         def store():
             try:
                 w.store(_spec("s-store", toks, blocks))
-            except BaseException as exc:  # noqa: BLE001 - the test reports it
+            except BaseException as exc:  # the test reports it
                 errors.append(exc)
             done.set()
 
@@ -219,7 +219,7 @@ def test_restart_with_another_chunk_size_disables_instead_of_mixing(server, capl
     sched = h.connector._scheduler
     try:
         assert w.session.chunk_size == CHUNK and sched.chunk_size == CHUNK
-        toks, blocks = _tokens(CHUNK, 3), range(0, CHUNK // BLOCK)
+        toks, blocks = _tokens(CHUNK, 3), range(CHUNK // BLOCK)
         w.fill(blocks, seed=3)
         w.store(_spec("c-store", toks, blocks))
 
@@ -253,7 +253,7 @@ def test_restart_with_another_chunk_size_disables_instead_of_mixing(server, capl
 def test_restart_without_engine_driven_mode_keeps_the_cache_off(server):
     w = Worker(server)
     try:
-        toks, blocks = _tokens(CHUNK, 5), range(0, CHUNK // BLOCK)
+        toks, blocks = _tokens(CHUNK, 5), range(CHUNK // BLOCK)
         server.restart(transfer_mode="lmcache_driven")
         _wait_for(lambda: not w.session.healthy, 2 * HEARTBEAT + 10, "the worker to notice")
         # Registration is never answered by such a server; the worker keeps retrying in the
@@ -304,7 +304,7 @@ def test_frozen_server_mid_transfer_is_cut_off_by_the_heartbeat(server):
     intervals, and the session must recover by itself after SIGCONT."""
     w = Worker(server)
     try:
-        toks, blocks = _tokens(CHUNK, 6), range(0, CHUNK // BLOCK)
+        toks, blocks = _tokens(CHUNK, 6), range(CHUNK // BLOCK)
         w.fill(blocks, seed=6)
         expected = w.blocks_bytes(blocks)
         w.store(_spec("e-seed", toks, blocks))
@@ -319,7 +319,7 @@ def test_frozen_server_mid_transfer_is_cut_off_by_the_heartbeat(server):
         loading.start()
         _wait_sent(w)
         t0 = time.monotonic()
-        w.store(_spec("e-store", toks + _tokens(CHUNK, 7), range(0, 2 * CHUNK // BLOCK)))
+        w.store(_spec("e-store", toks + _tokens(CHUNK, 7), range(2 * CHUNK // BLOCK)))
         store_s = time.monotonic() - t0
         loading.join(60)
         assert w.adapter.stats.data.get("store_failures") == 1
@@ -339,7 +339,7 @@ def test_frozen_server_mid_transfer_is_cut_off_by_the_heartbeat(server):
         w.poison(dst)
         _, errors = w.load(_spec("e-load2", toks, dst))
         assert errors == set()
-        for t, ref in zip(w.kv, expected):
+        for t, ref in zip(w.kv, expected, strict=True):
             assert torch.equal(t[dst.start:dst.stop].view(torch.uint8), ref.view(torch.uint8))
     finally:
         if server.process is not None:
@@ -362,7 +362,7 @@ def _dead_address(lmcache_server_factory):
 def test_no_server_at_start_up_warns_once_then_picks_the_server_up(lmcache_server_factory,
                                                                   caplog, role):
     srv = _dead_address(lmcache_server_factory)
-    host, port = srv.url.rsplit(":", 1)
+    _host, _port = srv.url.rsplit(":", 1)
     with caplog.at_level(logging.INFO, logger="kvconn_plugin"):
         t0 = time.monotonic()
         if role == "worker":
@@ -398,7 +398,7 @@ def test_require_server_fails_start_up_naming_the_address(lmcache_server_factory
     from kvconn_plugin.errors import KVConnError
 
     srv = _dead_address(lmcache_server_factory)
-    host, port = srv.url.rsplit(":", 1)
+    _host, _port = srv.url.rsplit(":", 1)
     t0 = time.monotonic()
     with pytest.raises(KVConnError) as err:
         if role == "worker":
@@ -423,7 +423,7 @@ def test_lookups_that_time_out_on_a_stalled_server_still_free_their_locks(server
     try:
         prompts = [_tokens(2 * CHUNK, 40 + i) for i in range(6)]
         for p in prompts:
-            seed_server(server.url, model, p + [7])
+            seed_server(server.url, model, [*p, 7])
         assert server_lock_counts(server) == (0, 0)
         server.freeze()
         h.add(*(h.request(f"s{i}", p + _tokens(40, 50 + i)) for i, p in enumerate(prompts)))

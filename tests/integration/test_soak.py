@@ -47,8 +47,9 @@ class FakeWorker:
         self.iid = iid
 
     def load(self, spec) -> None:
-        key = CacheKey(model_name=self.model, world_size=1, worker_id=0, token_ids=list(spec.token_ids),
-                       start=spec.start, end=spec.end, request_id=spec.request_id)
+        key = CacheKey(model_name=self.model, world_size=1, worker_id=0,
+                       token_ids=list(spec.token_ids), start=spec.start, end=spec.end,
+                       request_id=spec.request_id)
         reply = self.client.prepare_retrieve(key, self.iid)
         if reply.success:
             self.client.commit_retrieve(key, self.iid)
@@ -60,14 +61,15 @@ class FakeWorker:
 def test_soak_10k_requests_no_leaks(lmcache_server_factory):
     server = lmcache_server_factory()
     h = SchedHarness.for_server(
-        server.url, num_blocks=160, max_model_len=2048, max_num_batched_tokens=1024, max_num_seqs=32,
+        server.url, num_blocks=160, max_model_len=2048, max_num_batched_tokens=1024,
+        max_num_seqs=32,
     )
     model = h.vllm_config.model_config.model
     rng = random.Random(0)
     prefixes = [[rng.randrange(10, 500) for _ in range(2 * CHUNK)] for _ in range(8)]
     iid = None
     for p in prefixes[:6]:  # most prefixes are cached on the server: hits and loads
-        iid = seed_server(server.url, model, p + [7])
+        iid = seed_server(server.url, model, [*p, 7])
     worker = FakeWorker(server, model, iid)
     recving: set[str] = set()
     live: list[str] = []
@@ -81,10 +83,13 @@ def test_soak_10k_requests_no_leaks(lmcache_server_factory):
         max_steps = 40 * N_REQUESTS
         while submitted < N_REQUESTS or h.scheduler.has_requests():
             if steps > max_steps:
-                stuck = {r: (q.status, q.num_computed_tokens) for r, q in h.scheduler.requests.items()}
-                raise AssertionError(f"no progress after {steps} steps; left: {list(stuck.items())[:5]}")
+                stuck = {r: (q.status, q.num_computed_tokens)
+                         for r, q in h.scheduler.requests.items()}
+                raise AssertionError(
+                    f"no progress after {steps} steps; left: {list(stuck.items())[:5]}")
             while submitted < N_REQUESTS and len(h.scheduler.requests) < 48:
-                toks = rng.choice(prefixes) + [rng.randrange(10, 500) for _ in range(rng.randrange(1, 300))]
+                toks = rng.choice(prefixes) + [rng.randrange(10, 500)
+                                               for _ in range(rng.randrange(1, 300))]
                 rid = f"r{submitted}"
                 h.add(h.request(rid, toks, max_tokens=rng.randrange(1, 40)))
                 live.append(rid)

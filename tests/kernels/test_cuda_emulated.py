@@ -41,19 +41,19 @@ def params(draw):
     split = draw(st.sampled_from(["packed", "packed", "planes", "mla"]))
     physical = draw(st.sampled_from(
         ["LBHNC", "BLHNC"] if split == "planes" else ["LBNHC", "LBHNC", "BLNHC", "BLHNC"]))
-    return dict(
-        physical=physical, split=split,
-        num_layers=draw(st.integers(1, 3)),
-        num_blocks=draw(st.integers(1, 6)),
-        num_heads=draw(st.integers(1, 3)),
-        block_size=draw(st.sampled_from([16, 32, 64])),
-        head_size=draw(st.sampled_from([3, 4, 8, 16, 64])),
-        elem_size=draw(st.sampled_from([1, 2, 4])),
-        pad_elems=draw(st.sampled_from([0, 1, 8])),
-        cross_layer=draw(st.booleans()),
-        content=draw(st.sampled_from([None, 72, 82])) if split == "mla" else None,
-        seed=draw(st.integers(0, 2**16)),
-    )
+    return {
+        "physical": physical, "split": split,
+        "num_layers": draw(st.integers(1, 3)),
+        "num_blocks": draw(st.integers(1, 6)),
+        "num_heads": draw(st.integers(1, 3)),
+        "block_size": draw(st.sampled_from([16, 32, 64])),
+        "head_size": draw(st.sampled_from([3, 4, 8, 16, 64])),
+        "elem_size": draw(st.sampled_from([1, 2, 4])),
+        "pad_elems": draw(st.sampled_from([0, 1, 8])),
+        "cross_layer": draw(st.booleans()),
+        "content": draw(st.sampled_from([None, 72, 82])) if split == "mla" else None,
+        "seed": draw(st.integers(0, 2**16)),
+    }
 
 
 @HYPO
@@ -78,7 +78,7 @@ def test_emulated_kernel_matches_reference(kv, p, data):
     src = torch.randint(0, 256, (layout.slot_bytes(len(uniq)) + offset,), dtype=torch.uint8)
     expected = kv.ref_scatter(case, case.buffers, src[offset:], uniq, skip)
     emulate(tr, False, uniq, src[offset:], skip=skip, staged=staged, max_ctas=ctas)
-    assert all(torch.equal(b, e) for b, e in zip(case.buffers, expected))
+    assert all(torch.equal(b, e) for b, e in zip(case.buffers, expected, strict=True))
 
 
 @pytest.mark.parametrize("staged", [False, True])
@@ -95,7 +95,7 @@ def test_emulated_split_launches(kv, staged):
     src = slot.roll(3)
     expected = kv.ref_scatter(case, case.buffers, src, ids, 450)
     emulate(tr, False, ids, src, skip=450, staged=staged, max_ctas=132)
-    assert all(torch.equal(b, e) for b, e in zip(case.buffers, expected))
+    assert all(torch.equal(b, e) for b, e in zip(case.buffers, expected, strict=True))
 
 
 def test_emulated_rejects_bad_ids(kv):

@@ -42,21 +42,21 @@ def _slot(nbytes: int, where: str, fill: int = 0xA5) -> torch.Tensor:
 @st.composite
 def gpu_case_params(draw):
     split = draw(st.sampled_from(["packed", "packed", "mla"]))
-    return dict(
-        physical=draw(st.sampled_from(["LBNHC", "LBHNC", "BLNHC", "BLHNC"])),
-        split=split,
-        num_layers=draw(st.integers(1, 3)),
-        num_blocks=draw(st.integers(2, 8)),
-        num_heads=draw(st.integers(1, 4)),
-        block_size=draw(st.sampled_from([16, 32, 64, 128])),
-        head_size=draw(st.sampled_from([3, 4, 8, 64, 128])),
-        elem_size=draw(st.sampled_from([1, 2, 4])),
-        pad_elems=draw(st.sampled_from([0, 1, 8])),
-        cross_layer=draw(st.booleans()),
-        content=draw(st.sampled_from([None, 576, 656])) if split == "mla" else None,
-        device="cuda",
-        seed=draw(st.integers(0, 2**16)),
-    )
+    return {
+        "physical": draw(st.sampled_from(["LBNHC", "LBHNC", "BLNHC", "BLHNC"])),
+        "split": split,
+        "num_layers": draw(st.integers(1, 3)),
+        "num_blocks": draw(st.integers(2, 8)),
+        "num_heads": draw(st.integers(1, 4)),
+        "block_size": draw(st.sampled_from([16, 32, 64, 128])),
+        "head_size": draw(st.sampled_from([3, 4, 8, 64, 128])),
+        "elem_size": draw(st.sampled_from([1, 2, 4])),
+        "pad_elems": draw(st.sampled_from([0, 1, 8])),
+        "cross_layer": draw(st.booleans()),
+        "content": draw(st.sampled_from([None, 576, 656])) if split == "mla" else None,
+        "device": "cuda",
+        "seed": draw(st.integers(0, 2**16)),
+    }
 
 
 @HYPO
@@ -84,7 +84,7 @@ def test_gpu_gather_scatter_parity(kv, params, data):
     expected = kv.ref_scatter(case, case.buffers, src_cpu, uniq, skip)
     tr.scatter(src, uniq, skip_blocks=skip)
     tr.synchronize()
-    for buf, exp in zip(case.buffers, expected):
+    for buf, exp in zip(case.buffers, expected, strict=True):
         assert torch.equal(buf.cpu(), exp), (backend, mode, where, skip)
 
 
@@ -108,7 +108,7 @@ def test_unaligned_slot_and_split_launches(kv, backend):
     expected = kv.ref_scatter(case, case.buffers, src, ids, 2)
     tr.scatter(src, ids, skip_blocks=2)
     tr.synchronize()
-    assert all(torch.equal(b.cpu(), e) for b, e in zip(case.buffers, expected))
+    assert all(torch.equal(b.cpu(), e) for b, e in zip(case.buffers, expected, strict=True))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -162,7 +162,7 @@ def test_gpu_bad_arguments_write_nothing(kv, backend):
         with pytest.raises(KVConnTransferError):
             tr.scatter(dst, ids, skip_blocks=skip)
     torch.cuda.synchronize()
-    assert all(torch.equal(a, b) for a, b in zip(before, case.buffers))
+    assert all(torch.equal(a, b) for a, b in zip(before, case.buffers, strict=True))
 
 
 @pytest.mark.skipif(_native.cuda_lib is None, reason="CUDA library not built")

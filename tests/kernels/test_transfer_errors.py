@@ -74,7 +74,7 @@ def test_bad_scatter_writes_nothing(setup, backend, ids, skip):
     src = torch.randint(0, 256, (layout.slot_bytes(2),), dtype=torch.uint8)
     with pytest.raises(KVConnTransferError):
         tr.scatter(src, ids, skip_blocks=skip)
-    assert all(torch.equal(a, b) for a, b in zip(before, case.buffers))
+    assert all(torch.equal(a, b) for a, b in zip(before, case.buffers, strict=True))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -84,7 +84,7 @@ def test_empty_and_full_skip_are_noops(setup, backend):
     before = [b.clone() for b in case.buffers]
     tr.gather([], torch.empty(0, dtype=torch.uint8))
     tr.scatter(torch.zeros(layout.slot_bytes(2), dtype=torch.uint8), [0, 1], skip_blocks=2)
-    assert all(torch.equal(a, b) for a, b in zip(before, case.buffers))
+    assert all(torch.equal(a, b) for a, b in zip(before, case.buffers, strict=True))
 
 
 def test_layout_rejections(kv):

@@ -38,10 +38,10 @@ def case_params(draw):
         num_layers = 1
         heads = 1
         num_heads = 1
-    return dict(physical=physical, split=split, num_layers=num_layers, num_blocks=num_blocks,
-                num_heads=num_heads, block_size=block_size, head_size=head_size,
-                elem_size=elem_size, pad_elems=pad, cross_layer=cross, content=content,
-                seed=draw(st.integers(0, 2**16)))
+    return {"physical": physical, "split": split, "num_layers": num_layers,
+            "num_blocks": num_blocks, "num_heads": num_heads, "block_size": block_size,
+            "head_size": head_size, "elem_size": elem_size, "pad_elems": pad, "cross_layer": cross,
+            "content": content, "seed": draw(st.integers(0, 2**16))}
 
 
 def _transfers(case):
@@ -74,10 +74,10 @@ def test_scatter_matches_reference(kv, params, data):
     expected = kv.ref_scatter(case, case.buffers, slot, ids, skip)
     original = [b.clone() for b in case.buffers]
     for name, tr in transfers.items():
-        for buf, orig in zip(case.buffers, original):
+        for buf, orig in zip(case.buffers, original, strict=True):
             buf.copy_(orig)
         tr.scatter(slot, ids, skip_blocks=skip)
-        for buf, exp in zip(case.buffers, expected):
+        for buf, exp in zip(case.buffers, expected, strict=True):
             assert torch.equal(buf, exp), f"{name} scatter differs (skip={skip}, ids={ids})"
 
 
@@ -96,7 +96,7 @@ def test_mla_shapes(kv, backend, content, elem_size):
     assert torch.equal(dst, kv.ref_gather(case, ids))
     expected = kv.ref_scatter(case, case.buffers, dst.flip(0).contiguous(), ids, 1)
     tr.scatter(dst.flip(0).contiguous(), ids, skip_blocks=1)
-    assert all(torch.equal(b, e) for b, e in zip(case.buffers, expected))
+    assert all(torch.equal(b, e) for b, e in zip(case.buffers, expected, strict=True))
 
 
 def test_naive_python_reference(kv):
@@ -136,7 +136,7 @@ def test_large_chunk_multithreaded(kv, backend, pad):
     assert torch.equal(dst, kv.ref_gather(case, ids))
     expected = kv.ref_scatter(case, case.buffers, dst.roll(7), ids, 3)
     tr.scatter(dst.roll(7), ids, skip_blocks=3)
-    assert all(torch.equal(b, e) for b, e in zip(case.buffers, expected))
+    assert all(torch.equal(b, e) for b, e in zip(case.buffers, expected, strict=True))
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,8 @@ def test_lmcache_keys_map():
 
 
 def test_server_urls_forms():
-    assert parse_config({"lmcache.mp.server_urls": "a:1, b:2"}, env={}).server_urls == ("tcp://a:1", "tcp://b:2")
+    urls = parse_config({"lmcache.mp.server_urls": "a:1, b:2"}, env={}).server_urls
+    assert urls == ("tcp://a:1", "tcp://b:2")
     assert parse_config({"lmcache.mp.server_urls": ["ipc:///tmp/x"]}, env={}).server_urls == ("ipc:///tmp/x",)
 
 

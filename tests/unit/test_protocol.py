@@ -40,8 +40,9 @@ KEY_BYTES = (
 
 
 def doc_key(**overrides: object) -> CacheKey:
-    fields = dict(model_name="m", world_size=2, worker_id=1, token_ids=[1, 2, 3], start=0,
-                  end=0, request_id="r", cache_salt="", request_configs=None, num_kv_readers=1)
+    fields = {"model_name": "m", "world_size": 2, "worker_id": 1, "token_ids": [1, 2, 3],
+              "start": 0, "end": 0, "request_id": "r", "cache_salt": "", "request_configs": None,
+              "num_kv_readers": 1}
     fields.update(overrides)
     return CacheKey(**fields)  # type: ignore[arg-type]
 
@@ -69,7 +70,8 @@ def test_ping_none_request_frames():
 
 def test_ping_instance_id_is_a_plain_msgpack_int():
     iid = 2510632170158912161
-    assert encode_request(3, Op.PING, (iid,)) == [b"\x03", b"\x16", b"\xcf" + iid.to_bytes(8, "big")]
+    assert encode_request(3, Op.PING, (iid,)) == [b"\x03", b"\x16",
+                                                  b"\xcf" + iid.to_bytes(8, "big")]
 
 
 def test_key_map_has_ten_fields_in_declaration_order():
@@ -110,9 +112,9 @@ def test_large_uids_still_encode_as_one_frame():
 
 @pytest.mark.parametrize(
     "change",
-    [dict(start=1), dict(end=255), dict(start=512, end=256), dict(num_kv_readers=0),
-     dict(cache_salt="a/b"), dict(cache_salt="a@b"), dict(cache_salt="x" * 129),
-     dict(cache_salt="nul\x00")],
+    [{"start": 1}, {"end": 255}, {"start": 512, "end": 256}, {"num_kv_readers": 0},
+     {"cache_salt": "a/b"}, {"cache_salt": "a@b"}, {"cache_salt": "x" * 129},
+     {"cache_salt": "nul\x00"}],
 )
 def test_validate_key_rejects_what_the_server_would_drop(change):
     with pytest.raises(ValueError):
@@ -148,11 +150,13 @@ def test_prepare_store_reply_from_appendix_a():
     reply = decode_reply(Op.PREPARE_STORE, body)
     assert isinstance(reply, PrepareStoreReply)
     assert reply.context.chunk_indices == [0, 1, 2]
-    assert reply.context.slots[0].offset == 393216 and reply.context.slots[0].shape == [2, 4, 64, 128]
+    assert reply.context.slots[0].offset == 393216
+    assert reply.context.slots[0].shape == [2, 4, 64, 128]
 
 
 def test_prepare_retrieve_pickle_mode_reply():
-    reply = decode_reply(Op.PREPARE_RETRIEVE, enc({"success": True, "data": b"\x80\x04", "context": {}}))
+    reply = decode_reply(Op.PREPARE_RETRIEVE,
+                         enc({"success": True, "data": b"\x80\x04", "context": {}}))
     assert isinstance(reply, PrepareRetrieveReply)
     assert reply.success and reply.data == b"\x80\x04" and reply.context.slots == []
 
@@ -289,7 +293,7 @@ class TestPickleCodec:
         chunks = [torch.randn(self.SHAPE).to(getattr(torch, dtype)) for _ in range(3)]
         data = self.codec.encode_chunks(chunks, self.SHAPE, dtype)
         images = self.codec.decode_chunks(data, 3, self.SHAPE, dtype)
-        for chunk, image in zip(chunks, images):
+        for chunk, image in zip(chunks, images, strict=True):
             assert image.dtype == torch.uint8 and image.dim() == 1
             assert torch.equal(chunk.view(-1).view(torch.uint8), image)
 
@@ -299,7 +303,7 @@ class TestPickleCodec:
         torch = self.torch
         image = torch.arange(2 * 2 * 4 * 8 * 2, dtype=torch.int64).to(torch.uint8)
         data = self.codec.encode_chunks([image], self.SHAPE, "float16")
-        (chunk,) = pickle.loads(data)  # noqa: S301 - this is exactly what the server does
+        (chunk,) = pickle.loads(data)  # this is exactly what the server does
         assert chunk.dtype == torch.float16 and tuple(chunk.shape) == self.SHAPE
         assert torch.equal(chunk.view(-1).view(torch.uint8), image)
 

@@ -62,6 +62,6 @@ def test_concurrent_callback_registration_and_settle_never_loses_a_callback():
         f, seen = ReplyFuture(), []
         t = threading.Thread(target=f.set_result, args=(1,))
         t.start()
-        f.add_done_callback(lambda x: seen.append(1))
+        f.add_done_callback(lambda x, seen=seen: seen.append(1))
         t.join()
         assert seen == [1]

@@ -37,7 +37,8 @@ def test_builtin_forced_by_env_or_key():
 
 
 def test_auto_without_lmcache_gives_ours():
-    code = "import sys; sys.modules['lmcache'] = None\n" + textwrap.dedent(RESOLVE.format(extra="{}"))
+    code = ("import sys; sys.modules['lmcache'] = None\n"
+            + textwrap.dedent(RESOLVE.format(extra="{}")))
     assert "kvconn_plugin.connector.KVConnPluginConnector" in _run(code)
 
 
@@ -56,7 +57,8 @@ def test_register_is_idempotent_cheap_and_routes_lmcache_mp():
             print(name, cls.__module__)
         os.environ["KVCONN_ROUTE_LMCACHE_MP"] = "0"
         try:
-            cls = F.get_connector_class(KVTransferConfig(kv_connector="LMCacheMPConnector", kv_role="kv_both"))
+            cls = F.get_connector_class(KVTransferConfig(kv_connector="LMCacheMPConnector",
+                                                         kv_role="kv_both"))
             print("unrouted", cls.__module__)
         except Exception as exc:
             print("unrouted", type(exc).__name__)

@@ -15,16 +15,19 @@ pytest.importorskip("vllm")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # repo root: `tests.helpers`
 
-from tests.helpers.sched_harness import (  # noqa: E402
+from tests.helpers.sched_harness import (
     SchedHarness,
     assert_scheduler_empty,
     run_until_idle,
 )
-from vllm.distributed.kv_transfer.kv_connector.v1.base import (  # noqa: E402
+
+# isort: split
+# vLLM after tests.helpers.sched_harness, which sets HF_HUB_OFFLINE before vLLM loads
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
 )
-from vllm.v1.request import RequestStatus  # noqa: E402
+from vllm.v1.request import RequestStatus
 
 BS = 16
 

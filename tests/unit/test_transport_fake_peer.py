@@ -326,7 +326,8 @@ def test_bad_slots_are_rejected_before_any_write(peer, client, small_pool, slot)
 
 
 def test_good_slot_gives_a_view_of_exactly_the_slot(small_pool):
-    view = small_pool.slot_view(SlotDescriptor(4096, 1024, list(SHAPE), "float16"), SHAPE, "float16")
+    view = small_pool.slot_view(SlotDescriptor(4096, 1024, list(SHAPE), "float16"), SHAPE,
+                                "float16")
     view.fill_(0xAB)
     assert view.numel() == 1024 and view.data_ptr() == small_pool.address + 4096
     assert int(small_pool.tensor[4095]) == 0 and int(small_pool.tensor[4096 + 1024]) == 0
