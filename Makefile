@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export LMCACHE_TRACK_USAGE := false
 export DO_NOT_TRACK := 1
 
-.PHONY: env demo test test-fast bench clean
+.PHONY: env demo test test-fast lint bench clean
 
 env:
 	bash scripts/setup_env.sh
@@ -17,6 +17,9 @@ test: env
 
 test-fast: env
 	$(PY) -m pytest -q tests -m "not engine"
+
+lint: env
+	$(VENV)/bin/ruff check .
 
 bench: env
 	$(PY) benchmarks/bench_protocol.py

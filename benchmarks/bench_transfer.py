@@ -112,15 +112,29 @@ def bench_gpu(shape: Shape, iters: int, sweep_ctas: bool) -> list[dict]:
     layout = ops.layout_from_vllm_views(views, shape.content // 2, shape.split)
     nbytes = layout.slot_bytes(per_chunk)
     sets = id_sets(num_blocks, per_chunk, 16)
-    host = RegisteredHost(nbytes * 4)
-    slots = [host.tensor[k * nbytes:(k + 1) * nbytes] for k in range(4)]
+    host_mem = RegisteredHost(nbytes * 4)
+    slots = [host_mem.tensor[k * nbytes:(k + 1) * nbytes] for k in range(4)]
     dev_slot = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     rows = []
 
     def add(direction, impl, seconds, ceiling=None):
-        rows.append(dict(shape=shape.name, device="cuda", direction=direction, impl=impl,
-                         mbytes=nbytes / 2**20, ms=seconds * 1e3, gbps=nbytes / seconds / 1e9,
-                         ceiling_gbps=(nbytes / ceiling / 1e9) if ceiling else None))
+        rows.append({"shape": shape.name, "device": "cuda", "direction": direction,
+                     "impl": impl, "mbytes": nbytes / 2**20, "ms": seconds * 1e3,
+                     "gbps": nbytes / seconds / 1e9,
+                     "ceiling_gbps": (nbytes / ceiling / 1e9) if ceiling else None})
+
+    # Each timed call binds its transfer object explicitly (no late-binding closures).
+    def gather_to(tr, target):
+        return lambda i: tr.gather(sets[i % 16], target(i))
+
+    def scatter_from(tr, source):
+        return lambda i: tr.scatter(source(i), sets[i % 16])
+
+    def host(i):
+        return slots[i % 4]
+
+    def dev(_i):
+        return dev_slot
 
     d2h = time_cuda(lambda i: slots[i % 4].copy_(dev_slot, non_blocking=True), iters)
     h2d = time_cuda(lambda i: dev_slot.copy_(slots[i % 4], non_blocking=True), iters)
@@ -128,34 +142,29 @@ def bench_gpu(shape: Shape, iters: int, sweep_ctas: bool) -> list[dict]:
     add("scatter", "ceiling (1 DMA H2D)", h2d, h2d)
     for mode in ("staged", "zerocopy"):
         tr = ops.KVTransfer(layout, views, backend="native", cuda_copy=mode)
-        add("gather", f"native {mode}",
-            time_cuda(lambda i: tr.gather(sets[i % 16], slots[i % 4]), iters), d2h)
-        add("scatter", f"native {mode}",
-            time_cuda(lambda i: tr.scatter(slots[i % 4], sets[i % 16]), iters), h2d)
+        add("gather", f"native {mode}", time_cuda(gather_to(tr, host), iters), d2h)
+        add("scatter", f"native {mode}", time_cuda(scatter_from(tr, host), iters), h2d)
     tr = ops.KVTransfer(layout, views, backend="native")
-    add("gather", "native kernel only (D2D)",
-        time_cuda(lambda i: tr.gather(sets[i % 16], dev_slot), iters))
-    add("scatter", "native kernel only (D2D)",
-        time_cuda(lambda i: tr.scatter(dev_slot, sets[i % 16]), iters))
+    add("gather", "native kernel only (D2D)", time_cuda(gather_to(tr, dev), iters))
+    add("scatter", "native kernel only (D2D)", time_cuda(scatter_from(tr, dev), iters))
     if sweep_ctas:
         for ctas in (8, 16, 32, 64, 132, 264):
-            t = ops.KVTransfer(layout, views, backend="native", max_ctas=ctas)
-            add("gather", f"D2D kernel, {ctas} CTAs",
-                time_cuda(lambda i: t.gather(sets[i % 16], dev_slot), iters))
+            tr = ops.KVTransfer(layout, views, backend="native", max_ctas=ctas)
+            add("gather", f"D2D kernel, {ctas} CTAs", time_cuda(gather_to(tr, dev), iters))
             for mode in ("staged", "zerocopy"):
-                t = ops.KVTransfer(layout, views, backend="native", max_ctas=ctas, cuda_copy=mode)
+                tr = ops.KVTransfer(layout, views, backend="native", max_ctas=ctas,
+                                    cuda_copy=mode)
                 add("gather", f"native {mode}, {ctas} CTAs",
-                    time_cuda(lambda i: t.gather(sets[i % 16], slots[i % 4]), iters), d2h)
+                    time_cuda(gather_to(tr, host), iters), d2h)
                 add("scatter", f"native {mode}, {ctas} CTAs",
-                    time_cuda(lambda i: t.scatter(slots[i % 4], sets[i % 16]), iters), h2d)
+                    time_cuda(scatter_from(tr, host), iters), h2d)
     tr = ops.KVTransfer(layout, views, backend="torch")
-    add("gather", "torch fallback",
-        time_cuda(lambda i: tr.gather(sets[i % 16], slots[i % 4]), max(3, iters // 4)), d2h)
-    add("scatter", "torch fallback",
-        time_cuda(lambda i: tr.scatter(slots[i % 4], sets[i % 16]), max(3, iters // 4)), h2d)
+    few = max(3, iters // 4)
+    add("gather", "torch fallback", time_cuda(gather_to(tr, host), few), d2h)
+    add("scatter", "torch fallback", time_cuda(scatter_from(tr, host), few), h2d)
     torch.cuda.synchronize()
-    del slots, tr
-    host.close()
+    slots.clear()  # the slices pin the mmap's buffer export; it cannot close while they live
+    host_mem.close()
     return rows
 
 
@@ -200,10 +209,10 @@ def bench_cpu(shape: Shape, iters: int, layers: int | None, threads: int | None)
                 times[key].append(time.perf_counter() - t0)
     best = {key: min(v) for key, v in times.items()}
     ceiling = min(best[key] for key in cases if key[0] == "copy")
-    return [dict(shape=f"{shape.name} (L={shape.layers})", device="cpu", direction=d,
-                 impl=impl, mbytes=nbytes / 2**20, ms=t * 1e3, gbps=nbytes / t / 1e9,
-                 ceiling_gbps=nbytes / ceiling / 1e9,
-                 median_ms=statistics.median(times[(d, impl)]) * 1e3)
+    return [{"shape": f"{shape.name} (L={shape.layers})", "device": "cpu", "direction": d,
+             "impl": impl, "mbytes": nbytes / 2**20, "ms": t * 1e3, "gbps": nbytes / t / 1e9,
+             "ceiling_gbps": nbytes / ceiling / 1e9,
+             "median_ms": statistics.median(times[(d, impl)]) * 1e3}
             for (d, impl), t in best.items()]
 
 

@@ -28,5 +28,6 @@ fi
 
 # Editable install; no build isolation so the build sees this environment (nvcc, torch).
 "${PIP[@]}" install -q --no-build-isolation --no-deps -e .
-"${PIP[@]}" install -q "pyzmq>=25" "msgspec>=0.18" pytest pytest-timeout "hypothesis>=6" numpy requests
+"${PIP[@]}" install -q "pyzmq>=25" "msgspec>=0.18" pytest pytest-timeout "hypothesis>=6" numpy requests \
+  "ruff==0.17.6"  # pinned, so a ruff release cannot change what the lint test reports
 echo "[setup] environment ready: $VENV"

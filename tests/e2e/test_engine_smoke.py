@@ -1,8 +1,9 @@
 """Smoke test of the engine runners: the tiny model on the real CPU engine, no connector.
 
 Each engine runs in its own child process group (kvconn_plugin.tools.run_engine and
-tests.helpers.engine), so a hung or crashed engine cannot outlive its test. Outputs are compared only between engines in the same (eager) mode:
-eager and torch.compile runs of a random-weight model differ on bf16 near-ties.
+tests.helpers.engine), so a hung or crashed engine cannot outlive its test. Outputs are
+compared only between engines in the same (eager) mode: eager and torch.compile runs of a
+random-weight model differ on bf16 near-ties.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ pytest.importorskip("vllm")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # repo root: `tests.helpers`
 
-from tests.helpers.engine import post_json, start_vllm_serve  # noqa: E402
-
-from kvconn_plugin.tools.run_engine import run_engine  # noqa: E402
-from kvconn_plugin.tools.tiny_model import PRESETS, write_tiny_llama  # noqa: E402
+from kvconn_plugin.tools.run_engine import run_engine
+from kvconn_plugin.tools.tiny_model import PRESETS, write_tiny_llama
+from tests.helpers.engine import post_json, start_vllm_serve
 
 pytestmark = pytest.mark.engine
 
