@@ -56,7 +56,7 @@ def test_fresh_engine_hits_and_matches_baseline(tiny_model, lmcache_server_facto
     base = run_engine(tiny_model, prompts, log_path=log)
     e1 = run_engine(tiny_model, prompts, kv_transfer_config=_kvt(server), log_path=log)
     e2 = run_engine(tiny_model, prompts, kv_transfer_config=_kvt(server), log_path=log)
-    for b, r1, r2 in zip(base["results"], e1["results"], e2["results"], strict=False):
+    for b, r1, r2 in zip(base["results"], e1["results"], e2["results"], strict=True):
         assert r1["token_ids"] == b["token_ids"]
         assert r2["token_ids"] == b["token_ids"]
     # Engine #1's first prompt had nothing to hit; engine #2's first prompt is cold in

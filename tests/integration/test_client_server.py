@@ -73,7 +73,7 @@ class Worker:
         expected = list(range(n_chunks)) if expect_new is None else expect_new
         assert sorted(reply.context.chunk_indices) == expected
         assert self.pool is not None
-        for slot, ci in zip(reply.context.slots, reply.context.chunk_indices, strict=False):
+        for slot, ci in zip(reply.context.slots, reply.context.chunk_indices, strict=True):
             self.pool.slot_view(slot, self.shape, self.dtype).copy_(data[ci])
         assert self.client.commit_store(key, self.instance_id) is True
         return data
