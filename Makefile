@@ -25,6 +25,7 @@ bench: env
 	$(PY) benchmarks/bench_protocol.py
 	$(PY) benchmarks/bench_transfer.py
 	$(PY) benchmarks/bench_load.py
+	$(PY) benchmarks/bench_lookup_flood.py
 	$(PY) benchmarks/bench_e2e.py
 
 clean:

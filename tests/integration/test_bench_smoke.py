@@ -1,4 +1,5 @@
-"""The benchmarks stay runnable: a tiny bench_load run end to end (no figures checked)."""
+"""The benchmarks stay runnable: tiny bench_load and bench_lookup_flood runs end to end (no
+figures checked)."""
 
 from __future__ import annotations
 
@@ -24,3 +25,14 @@ def test_bench_load_runs_and_writes_its_report(tmp_path):
     text = out.read_text()
     for row in ("connector time per step p99 (ms)", "lookups answered", "hit tokens"):
         assert row in text
+
+
+def test_bench_lookup_flood_runs_and_writes_its_report(tmp_path):
+    out = tmp_path / "bench_lookup_flood.txt"
+    env = dict(os.environ, LMCACHE_TRACK_USAGE="false", DO_NOT_TRACK="1")
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/bench_lookup_flood.py", "--burst", "20", "--tokens", "512",
+         "--rounds", "1", "--workers", "1", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "lookups/s" in out.read_text()
