@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 
+from kvconn_plugin.tools.procgroup import stop_process_group
 from kvconn_plugin.tools.run_engine import DEFAULT_ENV, run_engine
 from kvconn_plugin.tools.tiny_model import PRESETS, write_tiny_llama
-from tests.helpers.engine import post_json, start_vllm_serve, stop_process_group
+from tests.helpers.connector_config import kv_transfer_config
+from tests.helpers.engine import post_json, start_vllm_serve
 
 pytestmark = [pytest.mark.engine, pytest.mark.lmcache_server]
 
@@ -36,26 +38,14 @@ def _prompts(n: int = 2, seed: int = 0) -> list[list[int]]:
     return [prefix + [rng.randrange(10, 500) for _ in range(40)] for _ in range(n)]
 
 
-def _kvt(server, **extra) -> dict:
-    host, port = server.url.rsplit(":", 1)
-    return {
-        "kv_connector": "KVConnPluginConnector",
-        "kv_connector_module_path": "kvconn_plugin.connector",
-        "kv_role": "kv_both",
-        "kv_connector_extra_config": {
-            "lmcache.mp.host": host, "lmcache.mp.port": int(port),
-            "lmcache.mp.autostart": False, **extra,
-        },
-    }
-
-
 def test_fresh_engine_hits_and_matches_baseline(tiny_model, lmcache_server_factory, tmp_path):
     server = lmcache_server_factory()
     prompts = _prompts(seed=1)
     log = tmp_path / "engines.log"
     base = run_engine(tiny_model, prompts, log_path=log)
-    e1 = run_engine(tiny_model, prompts, kv_transfer_config=_kvt(server), log_path=log)
-    e2 = run_engine(tiny_model, prompts, kv_transfer_config=_kvt(server), log_path=log)
+    kvt = kv_transfer_config(server.url)
+    e1 = run_engine(tiny_model, prompts, kv_transfer_config=kvt, log_path=log)
+    e2 = run_engine(tiny_model, prompts, kv_transfer_config=kvt, log_path=log)
     for b, r1, r2 in zip(base["results"], e1["results"], e2["results"], strict=True):
         assert r1["token_ids"] == b["token_ids"]
         assert r2["token_ids"] == b["token_ids"]
@@ -68,10 +58,10 @@ def test_fresh_engine_hits_and_matches_baseline(tiny_model, lmcache_server_facto
 def test_model_namespace_isolates_engines(tiny_model, lmcache_server_factory, tmp_path):
     server = lmcache_server_factory()
     prompts = _prompts(n=1, seed=2)
-    run_engine(tiny_model, prompts, kv_transfer_config=_kvt(server), log_path=tmp_path / "l")
-    other = run_engine(tiny_model, prompts,
-                       kv_transfer_config=_kvt(server, **{"kvconn.model_name": "tenant-b"}),
-                       log_path=tmp_path / "l")
+    run_engine(tiny_model, prompts, kv_transfer_config=kv_transfer_config(server.url),
+               log_path=tmp_path / "l")
+    tenant_b = kv_transfer_config(server.url, **{"kvconn.model_name": "tenant-b"})
+    other = run_engine(tiny_model, prompts, kv_transfer_config=tenant_b, log_path=tmp_path / "l")
     assert other["results"][0]["num_cached_tokens"] == 0
 
 
@@ -95,7 +85,7 @@ def _serve_and_complete(model: Path, args: list[str], env: dict, log: Path, prom
 
 def test_vllm_serve_with_kv_transfer_config(tiny_model, lmcache_server_factory, tmp_path):
     server = lmcache_server_factory()
-    kvt = _kvt(server, **{"kvconn.impl": "builtin"})
+    kvt = kv_transfer_config(server.url, **{"kvconn.impl": "builtin"})
     del kvt["kv_connector_module_path"]  # through the entry point's registration
     scraped: list[str] = []
     out = _serve_and_complete(tiny_model, ["--kv-transfer-config", json.dumps(kvt)], _env(),

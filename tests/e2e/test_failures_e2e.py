@@ -18,9 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from kvconn_plugin.tools.procgroup import stop_process_group
 from kvconn_plugin.tools.run_engine import DEFAULT_ENV, run_engine
 from kvconn_plugin.tools.tiny_model import PRESETS, write_tiny_llama
-from tests.helpers.engine import child_env, stop_process_group
+from tests.helpers.connector_config import kv_transfer_config
+from tests.helpers.engine import child_env
 
 pytestmark = [pytest.mark.engine, pytest.mark.lmcache_server]
 
@@ -73,26 +75,14 @@ def _prompts(seed: int, n: int = 2) -> list[list[int]]:
     return [prefix + [rng.randrange(10, 500) for _ in range(30)] for _ in range(n)]
 
 
-def _kvt(server, **extra) -> dict:
-    host, port = server.url.rsplit(":", 1)
-    return {
-        "kv_connector": "KVConnPluginConnector",
-        "kv_connector_module_path": "kvconn_plugin.connector",
-        "kv_role": "kv_both",
-        "kv_connector_extra_config": {
-            "lmcache.mp.host": host, "lmcache.mp.port": int(port), "lmcache.mp.autostart": False,
-            **extra,
-        },
-    }
-
-
 def _phased_run(tmp_path: Path, server, seed: int, after_phase1, after_phase2,
                 **extra) -> tuple[dict, str]:
     """Run CHILD against ``server``: ``after_phase1()`` and ``after_phase2()`` act on the
     server between the phases. Returns (results, child log)."""
     model = write_tiny_llama(tmp_path / "model", **PRESETS["small"])
     a, b, c = _prompts(seed), _prompts(seed + 1), _prompts(seed + 2)
-    spec = {"dir": str(tmp_path), "model": str(model), "kvt": _kvt(server, **extra),
+    spec = {"dir": str(tmp_path), "model": str(model),
+            "kvt": kv_transfer_config(server.url, **extra),
             "a": a, "b": b, "c": c, "settle_s": 4}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     (tmp_path / "child.py").write_text(CHILD)
@@ -158,7 +148,8 @@ def test_require_server_fails_engine_start_up_naming_the_address(lmcache_server_
     server.kill()
     with pytest.raises(RuntimeError) as err:
         run_engine(model, [[1, 2, 3]], max_tokens=1,
-                   kv_transfer_config=_kvt(server, **{"kvconn.require_server": True}),
+                   kv_transfer_config=kv_transfer_config(server.url,
+                                                         **{"kvconn.require_server": True}),
                    log_path=tmp_path / "engine.log", timeout=300)
     text = (tmp_path / "engine.log").read_text(errors="replace") + str(err.value)
     assert "kvconn.require_server is set" in text and server.url in text

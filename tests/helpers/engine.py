@@ -38,8 +38,6 @@ from typing import Any
 
 from kvconn_plugin.tools.procgroup import stop_process_group
 
-__all__ = ["EngineRunError", "child_env", "post_json", "start_vllm_serve", "stop_process_group"]
-
 SERVE_READY_TIMEOUT_S = float(os.environ.get("KVCONN_TEST_SERVE_READY_TIMEOUT", "300"))
 
 _QUIET_ENV = {

@@ -59,6 +59,8 @@ from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 from vllm.v1.request import Request
 from vllm.v1.structured_output import StructuredOutputManager
 
+from tests.helpers.connector_config import CONNECTOR, MODULE_PATH, server_extra_config
+
 # 16 keeps test prompts short. The real CPU engine needs a multiple of 32 (CPU_ATTN kernel) and
 # defaults to 128; pass block_size=128 to mirror it exactly.
 DEFAULT_BLOCK_SIZE = 16
@@ -319,11 +321,9 @@ class SchedHarness:
     def for_server(cls, url: str, extra_config: dict[str, Any] | None = None,
                    **config_kwargs: Any) -> SchedHarness:
         """Our connector pointed at the LMCache server at ``url``, autostart off."""
-        host, port = url.rsplit(":", 1)
-        extra = {"lmcache.mp.host": host, "lmcache.mp.port": int(port),
-                 "lmcache.mp.autostart": False, **(extra_config or {})}
-        return cls.create(connector="KVConnPluginConnector", module_path="kvconn_plugin.connector",
-                          extra_config=extra, **config_kwargs)
+        return cls.create(connector=CONNECTOR, module_path=MODULE_PATH,
+                          extra_config=server_extra_config(url, **(extra_config or {})),
+                          **config_kwargs)
 
     @property
     def block_size(self) -> int:

@@ -14,14 +14,17 @@ pytestmark = pytest.mark.lmcache_server
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _run_bench(script: str, *args: str) -> None:
+    env = dict(os.environ, LMCACHE_TRACK_USAGE="false", DO_NOT_TRACK="1")
+    proc = subprocess.run([sys.executable, f"benchmarks/{script}", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
 def test_bench_load_runs_and_writes_its_report(tmp_path):
     out = tmp_path / "bench_load.txt"
-    env = dict(os.environ, LMCACHE_TRACK_USAGE="false", DO_NOT_TRACK="1")
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/bench_load.py", "--steps", "40", "--running", "32",
-         "--forward-ms", "2", "--no-pin", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    _run_bench("bench_load.py", "--steps", "40", "--running", "32", "--forward-ms", "2",
+               "--no-pin", "--out", str(out))
     text = out.read_text()
     for row in ("connector time per step p99 (ms)", "lookups answered", "hit tokens"):
         assert row in text
@@ -29,10 +32,6 @@ def test_bench_load_runs_and_writes_its_report(tmp_path):
 
 def test_bench_lookup_flood_runs_and_writes_its_report(tmp_path):
     out = tmp_path / "bench_lookup_flood.txt"
-    env = dict(os.environ, LMCACHE_TRACK_USAGE="false", DO_NOT_TRACK="1")
-    proc = subprocess.run(
-        [sys.executable, "benchmarks/bench_lookup_flood.py", "--burst", "20", "--tokens", "512",
-         "--rounds", "1", "--workers", "1", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    _run_bench("bench_lookup_flood.py", "--burst", "20", "--tokens", "512", "--rounds", "1",
+               "--workers", "1", "--out", str(out))
     assert "lookups/s" in out.read_text()

@@ -141,11 +141,7 @@ def test_no_server_degrades_without_blocking(tmp_path):
     from tests.conftest import free_port
 
     t0 = time.monotonic()
-    h = SchedHarness.create(
-        connector="KVConnPluginConnector", module_path="kvconn_plugin.connector",
-        extra_config={"lmcache.mp.host": "tcp://127.0.0.1", "lmcache.mp.port": free_port(),
-                      "lmcache.mp.autostart": False, "kvconn.connect_timeout": 1},
-    )
+    h = SchedHarness.for_server(f"tcp://127.0.0.1:{free_port()}", {"kvconn.connect_timeout": 1})
     assert time.monotonic() - t0 < 30  # start-up decides quickly (bounded wait, not a timing)
     h.add(h.request("r", _tokens(300, 6)))
     for _ in range(20):

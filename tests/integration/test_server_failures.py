@@ -23,6 +23,7 @@ from kvconn_plugin.config import parse_config
 from kvconn_plugin.metadata import KVConnMetadata, TransferSpec
 from kvconn_plugin.parallel import kv_ranks
 from kvconn_plugin.worker.adapter import WorkerAdapter
+from tests.helpers.connector_config import server_extra_config
 from tests.helpers.sched_harness import SchedHarness
 from tests.helpers.seed import seed_server, server_lock_counts
 
@@ -40,10 +41,9 @@ POISON = 0x5A
 def _config(server, **extra):
     # A long transfer timeout: "fails fast" below then means "noticed the dead connection",
     # never "waited out the deadline".
-    host, port = server.url.rsplit(":", 1)
-    return parse_config({"lmcache.mp.host": host, "lmcache.mp.port": int(port),
-                         "lmcache.mp.autostart": False, "kvconn.transfer_timeout": 120,
-                         "lmcache.mp.heartbeat_interval": HEARTBEAT, **extra})
+    return parse_config(server_extra_config(
+        server.url, **{"kvconn.transfer_timeout": 120, "lmcache.mp.heartbeat_interval": HEARTBEAT,
+                       **extra}))
 
 
 class Worker:
