@@ -309,7 +309,7 @@ KVC_EXPORT int kvc_cuda_check_device_ptr(const void* ptr, int device) {
 // 1 if host memory at `ptr` is page-locked AND mapped into the device address space, i.e.
 // usable by a zero-copy kernel; else 0. Memory registered without cudaHostRegisterMapped by
 // someone else can be pinned yet have no device alias: callers then take the staged path.
-KVC_EXPORT int kvc_cuda_is_pinned(const void* ptr) {
+KVC_EXPORT int kvc_cuda_is_mapped_host(const void* ptr) {
   cudaPointerAttributes attr;
   if (cudaPointerGetAttributes(&attr, ptr) != cudaSuccess) {
     cudaGetLastError();

@@ -301,7 +301,7 @@ class KVTransfer:
             on_host = slot.device.type == "cpu"
             # Zero-copy needs host pages the kernel can address (pinned and mapped); pageable
             # or unmapped memory quietly takes the staged path, which works for any host memory.
-            staged = on_host and (self.cuda_copy == "staged" or not lib.kvc_cuda_is_pinned(
+            staged = on_host and (self.cuda_copy == "staged" or not lib.kvc_cuda_is_mapped_host(
                 slot.data_ptr()))
             # Allocated on `torch_stream`, so the caching allocator only hands this memory out
             # again to work ordered after the copies queued below.

@@ -95,7 +95,7 @@ def _load_cuda() -> tuple[ctypes.CDLL | None, str]:
         _bind(lib, "kvc_cuda_runtime_version", _I32, [])
         _bind(lib, "kvc_cuda_device_count", _I32, [])
         _bind(lib, "kvc_cuda_check_device_ptr", _I32, [_P, _I32])
-        _bind(lib, "kvc_cuda_is_pinned", _I32, [_P])
+        _bind(lib, "kvc_cuda_is_mapped_host", _I32, [_P])
         _bind(lib, "kvc_cuda_host_register", _I32, [_P, _I64])
         _bind(lib, "kvc_cuda_host_unregister", _I32, [_P])
         _bind(lib, "kvc_cuda_stream_synchronize", _I32, [_P])

@@ -15,20 +15,34 @@ import subprocess
 import time
 
 
+def _pgid(pid: int | str) -> int | None:
+    """Process group of ``pid`` while it runs; None once it has exited (zombies included)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rpartition(")")[2].split()  # after "pid (comm)"
+        state, pgid = fields[0], int(fields[2])
+    except (OSError, IndexError, ValueError):
+        return None  # exited meanwhile
+    return None if state in ("Z", "X") else pgid
+
+
+def is_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie counts as gone); it need not be our child."""
+    return _pgid(pid) is not None
+
+
 def group_members(pgid: int) -> dict[int, str]:
     """Live (non-zombie) processes of process group ``pgid``: pid -> command line."""
     members: dict[int, str] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
+        if _pgid(entry) != pgid:
+            continue
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()  # after "pid (comm)"
-            if int(fields[2]) != pgid or fields[0] in ("Z", "X"):
-                continue
             with open(f"/proc/{entry}/cmdline", "rb") as f:
                 members[int(entry)] = f.read().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, IndexError, ValueError):
+        except OSError:
             continue  # exited meanwhile
     return members
 

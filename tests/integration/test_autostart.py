@@ -22,6 +22,7 @@ import pytest
 
 from kvconn_plugin.config import parse_config
 from kvconn_plugin.server.autostart import SHM_PREFIX, free_port, maybe_autostart, server_answers
+from kvconn_plugin.tools.procgroup import is_alive
 
 pytestmark = [
     pytest.mark.lmcache_server,
@@ -32,18 +33,9 @@ ROOT = Path(__file__).resolve().parents[2]
 SMALL = {"lmcache.mp.autostart.server_args": "--l1-size-gb 0.25 --eviction-policy LRU"}
 
 
-def _alive(pid: int) -> bool:
-    """True while `pid` exists and is not a zombie (it need not be our child)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
-
-
 def _wait_gone(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while _alive(pid):
+    while is_alive(pid):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.2)
@@ -106,7 +98,7 @@ def test_server_dies_with_a_parent_that_exits_without_cleanup():
         assert _wait_gone(pid, timeout=60), "the server outlived the process that started it"
         assert not server_answers(url, timeout=0.5)
     finally:
-        if _alive(pid):
+        if is_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         # The pool's owner died without our exit hook; the fixture would flag it as a leak.
