@@ -22,12 +22,17 @@ from kvconn_plugin.logs import attach_to_vllm_logging
 from kvconn_plugin.metadata import KVConnMetadata
 from kvconn_plugin.parallel import kv_ranks
 from kvconn_plugin.scheduler.adapter import SchedulerAdapter
+from kvconn_plugin.scheduler.events import OffloadEvents
 from kvconn_plugin.stats import KVConnStats
+from kvconn_plugin.store_acks import StoreAckBatch, StoreAckRecorder
 from kvconn_plugin.worker.adapter import WorkerAdapter
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     import torch
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_events import KVCacheEvent
     from vllm.v1.core.sched.output import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -63,6 +68,8 @@ class KVConnPluginConnector(KVConnectorBase_V1):
         block_size = int(vllm_config.cache_config.block_size)
         self._scheduler: SchedulerAdapter | None = None
         self._worker: WorkerAdapter | None = None
+        self._events: OffloadEvents | None = None
+        events_on = _kv_events_enabled(vllm_config)
         if role == KVConnectorRole.SCHEDULER:
             if config.load_failure_policy == "recompute":
                 # A failed load must mean "recompute", not a failed request. vLLM reads
@@ -72,6 +79,16 @@ class KVConnPluginConnector(KVConnectorBase_V1):
                              tp_size=pc.tensor_parallel_size)
             self._scheduler = SchedulerAdapter(config, model_name=model_name, ranks=ranks,
                                                block_size=block_size)
+            if events_on:
+                self._events = OffloadEvents(
+                    block_size=block_size,
+                    writers=pc.world_size // (pc.tensor_parallel_size if mla else 1),
+                    hash_block_size=getattr(kv_cache_config, "hash_block_size", None),
+                )
+                self._events.start_stream(
+                    self._scheduler.client.url, model_name,
+                    interval=config.heartbeat_interval, control_timeout=config.control_timeout,
+                )
         else:
             ranks = kv_ranks(mla=mla, world_size=pc.world_size, rank=_global_rank(pc),
                              tp_size=pc.tensor_parallel_size)
@@ -79,6 +96,8 @@ class KVConnPluginConnector(KVConnectorBase_V1):
                 config, model_name=model_name, ranks=ranks, block_size=block_size,
                 use_mla=mla, head_size=int(model.get_head_size()), kv_split=_kv_split(mla),
             )
+            if events_on:
+                self._worker.acks = StoreAckRecorder()
 
     # ------------------------------------------------------------------ role access
 
@@ -125,6 +144,12 @@ class KVConnPluginConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._work().get_block_ids_with_load_errors()
 
+    def get_kv_connector_kv_cache_events(self) -> StoreAckBatch | None:
+        """This step's committed stores, for the scheduler side to announce (see
+        ``store_acks``); None unless vLLM publishes KV events."""
+        acks = self._work().acks
+        return acks.take() if acks is not None else None
+
     def _bound_meta(self) -> KVConnMetadata | None:
         if not self.has_connector_metadata():
             return None
@@ -136,15 +161,27 @@ class KVConnPluginConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(
         self, request: Any, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
-        return self._sched().get_num_new_matched_tokens(request, num_computed_tokens)
+        sched = self._sched()
+        num, is_async = sched.get_num_new_matched_tokens(request, num_computed_tokens)
+        if num is not None:  # the final answer: what cached_token_stats reports
+            bs = sched.block_size
+            sched.controls.note_hits(request, num_computed_tokens // bs * bs,
+                                     sched.lookup_hit_tokens(request.request_id))
+        return num, is_async
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         self._sched().update_state_after_alloc(request, blocks, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
-        return self._sched().build_connector_meta(scheduler_output)
+        sched = self._sched()
+        meta = sched.build_connector_meta(scheduler_output)
+        if self._events is not None and meta.stores:
+            self._events.on_stores_planned(meta.stores, sched.chunk_size)
+        return meta
 
     def on_new_request(self, request: Any) -> None:
+        if self._events is not None:
+            self._events.watch(request)
         self._sched().on_new_request(request)
 
     def bind_kv_cache_manager(self, kv_cache_manager: Any) -> None:
@@ -152,11 +189,35 @@ class KVConnPluginConnector(KVConnectorBase_V1):
 
     def update_connector_output(self, connector_output: Any) -> None:
         self._sched().update_connector_output(connector_output)
+        if self._events is not None:
+            self._events.on_worker_events(getattr(connector_output, "kv_cache_events", None))
 
     def request_finished(
         self, request: Any, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
-        return self._sched().request_finished(request, block_ids)
+        """Returns whether vLLM must keep the blocks, and the request's output
+        ``kv_transfer_params`` (``cached_token_stats`` when the request asked for them)."""
+        sched = self._sched()
+        hold, _ = sched.request_finished(request, block_ids)
+        if self._events is not None:
+            self._events.forget(request.request_id)
+        return hold, sched.controls.finish(request)
+
+    def take_events(self) -> Iterable[KVCacheEvent]:
+        """KV events of the chunks we offloaded or lost since the last step (medium CPU)."""
+        if self._events is None:
+            return ()
+        return self._events.take()
+
+    def reset_cache(self) -> bool | None:
+        """Clear the LMCache server (vLLM's reset_prefix_cache with the connector reset);
+        None on the worker side, where there is nothing to reset."""
+        if self._scheduler is None:
+            return None
+        ok = self._scheduler.reset_cache()
+        if self._events is not None:
+            self._events.on_reset(ok)
+        return ok
 
     # ------------------------------------------------------------------ both / class level
 
@@ -180,6 +241,8 @@ class KVConnPluginConnector(KVConnectorBase_V1):
         return None  # the transfer reads strides, so any block-contiguous layout works
 
     def shutdown(self) -> None:
+        if self._events is not None:
+            self._events.close()
         for adapter in (self._scheduler, self._worker):
             if adapter is not None:
                 adapter.shutdown()
@@ -193,6 +256,11 @@ def _kv_split(mla: bool) -> str:
     # vLLM's CPU attention keeps a K plane then a V plane per (block, head); GPU backends
     # pack K|V per token.
     return "planes" if current_platform.is_cpu() else "packed"
+
+
+def _kv_events_enabled(vllm_config: Any) -> bool:
+    cfg = getattr(vllm_config, "kv_events_config", None)
+    return bool(cfg is not None and getattr(cfg, "enable_kv_cache_events", False))
 
 
 def _global_rank(pc: Any) -> int:

@@ -22,6 +22,7 @@ from kvconn_plugin.config import KVConnConfig
 from kvconn_plugin.errors import KVConnError
 from kvconn_plugin.metadata import KVConnMetadata, TransferSpec
 from kvconn_plugin.parallel import KVRanks
+from kvconn_plugin.request_params import RequestControls
 from kvconn_plugin.scheduler.tracker import LookupState, RequestTracker
 from kvconn_plugin.stats import KVConnStats
 from kvconn_plugin.utils import PeriodicTask, RateLimitedLog
@@ -76,6 +77,7 @@ class SchedulerAdapter:
         self._pending_loads: list[TransferSpec] = []
         self._kv_cache_manager: Any = None
         self.stats = KVConnStats()
+        self.controls = RequestControls()  # per-request kv_transfer_params
         self._health = _ServerHealth(self, config.heartbeat_interval)
         self._health.check_now(wait=config.connect_timeout)
         if self.chunk_size is None:
@@ -139,6 +141,8 @@ class SchedulerAdapter:
     def _start_lookup(self, tr: RequestTracker) -> None:
         chunk = self.chunk_size
         if not self.config.load or not self.healthy or chunk is None:
+            return
+        if self.controls.skip_load(tr.request):
             return
         # Leave at least one token for vLLM to compute: the last one never comes from us.
         end = (tr.request.num_tokens - 1) // chunk * chunk
@@ -306,7 +310,12 @@ class SchedulerAdapter:
         req = tr.request
         computed_after = min(req.num_computed_tokens + num_scheduled, req.num_tokens)
         end = computed_after // chunk * chunk
-        tr.store_countdown = max(end, tr.stored_end) + chunk - computed_after
+        cap = self.controls.store_cap(req, chunk)
+        if cap is not None and end >= cap:
+            end = cap
+            tr.store_countdown = 1 << 62  # the request's store limit is reached for good
+        else:
+            tr.store_countdown = max(end, tr.stored_end) + chunk - computed_after
         if end <= tr.stored_end:
             return None
         start = tr.stored_end
@@ -413,6 +422,49 @@ class SchedulerAdapter:
                 del self._closing[key]  # given up: the server's lock TTL frees the rest
                 if final:
                     self._end_session(tr)
+
+    def lookup_hit_tokens(self, request_id: str) -> int:
+        """Tokens the server had for this request's prefix (0 until the lookup is done)."""
+        tr = self._trackers.get(request_id)
+        if tr is None or tr.state is not LookupState.DONE:
+            return 0
+        return min(tr.hit_chunks * (self.chunk_size or 1), tr.lookup_end)
+
+    # ------------------------------------------------------------------ reset
+
+    def reset_cache(self) -> bool:
+        """CLEAR the server and drop what our trackers learnt from it (EngineCore process,
+        between steps, e.g. vLLM's ``/reset_prefix_cache?reset_external=true``).
+
+        The CLEAR is not forced: objects read-locked by lookups or loads in flight stay, so
+        those loads still complete and are reported. Every other request gives up its
+        lookup result (its locks are freed as on preemption) and is not looked up again
+        unless it is preempted: the server was just emptied. ``stored_end`` is kept, so a
+        running request does not store again the KV its blocks held before the reset.
+        Waits at most the control timeout; False when the server is down or did not
+        confirm (trackers are left alone when it is known to be down).
+        """
+        if not self.healthy:
+            return False
+        for tr in list(self._trackers.values()):
+            if tr.loading:
+                continue  # its chunks are locked, so kept; the workers report the load
+            looked_up = tr.state is not LookupState.IDLE
+            self._reset_for_resume(tr)
+            if looked_up:
+                # A miss from now on; FAILED (not IDLE) still ends its server session.
+                self._trackers[tr.request_id].state = LookupState.FAILED
+        # The lock frees go out first, so the CLEAR (same connection, after them) can drop
+        # the chunks those lookups had locked.
+        self.client.flush()
+        try:
+            self.client.clear(force=False)
+        except KVConnError as exc:
+            _warn.warning("reset", "kvconn: CLEAR of the LMCache server failed (%s)", exc)
+            self._health.report_failure(exc)
+            return False
+        logger.info("kvconn: LMCache server at %s cleared", self.client.url)
+        return True
 
     def get_stats(self) -> KVConnStats | None:
         return self.stats.take()

@@ -20,6 +20,7 @@ from kvconn_plugin.errors import KVConnError
 from kvconn_plugin.metadata import KVConnMetadata, TransferSpec
 from kvconn_plugin.parallel import KVRanks
 from kvconn_plugin.stats import KVConnStats
+from kvconn_plugin.store_acks import StoreAckRecorder
 from kvconn_plugin.utils import RateLimitedLog
 from kvconn_plugin.worker.session import ServerSession
 
@@ -76,6 +77,9 @@ class WorkerAdapter:
         self._done_recving: set[str] = set()
         self._lock = threading.Lock()
         self._autostarted: Any = None
+        # Set by the connector when vLLM publishes KV events: committed stores are
+        # confirmed to the scheduler, which announces them to routers.
+        self.acks: StoreAckRecorder | None = None
 
     # ------------------------------------------------------------------ start-up
 
@@ -151,6 +155,8 @@ class WorkerAdapter:
         for spec in meta.stores:
             try:
                 session.store(spec)
+                if self.acks is not None:
+                    self.acks.record(spec)
             except KVConnError as exc:
                 self.stats.record("store_failures")
                 _warn.warning("store", "kvconn: store of %s dropped (%s)", spec.request_id, exc)

