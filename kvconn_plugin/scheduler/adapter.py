@@ -78,6 +78,9 @@ class SchedulerAdapter:
         self._kv_cache_manager: Any = None
         self.stats = KVConnStats()
         self.controls = RequestControls()  # per-request kv_transfer_params
+        # Requests whose lookups or loads held chunks locked through a reset: once they all
+        # let go, one more CLEAR drops what those locks kept.
+        self._reclear: set[str] = set()
         self._health = _ServerHealth(self, config.heartbeat_interval)
         self._health.check_now(wait=config.connect_timeout)
         if self.chunk_size is None:
@@ -302,6 +305,8 @@ class SchedulerAdapter:
                 if spec is not None:
                     meta.stores.append(spec)
         self._drain_closing()
+        if self._reclear:
+            self._maybe_reclear()
         self.client.flush()  # one I/O wake-up per step for all lookups/queries/frees queued
         return meta
 
@@ -446,6 +451,8 @@ class SchedulerAdapter:
         """
         if not self.healthy:
             return False
+        busy = {rid for rid, tr in self._trackers.items() if tr.loading or tr.in_flight}
+        busy.update(tr.request_id for tr, _ in self._closing.values())
         for tr in list(self._trackers.values()):
             if tr.loading:
                 continue  # its chunks are locked, so kept; the workers report the load
@@ -463,8 +470,21 @@ class SchedulerAdapter:
             _warn.warning("reset", "kvconn: CLEAR of the LMCache server failed (%s)", exc)
             self._health.report_failure(exc)
             return False
+        self._reclear = busy
         logger.info("kvconn: LMCache server at %s cleared", self.client.url)
         return True
+
+    def _maybe_reclear(self) -> None:
+        """After a reset: CLEAR again (without waiting) once the lookups and loads that
+        kept chunks locked through it are over, so none of those chunks outlives it."""
+        closing = {tr.request_id for tr, _ in self._closing.values()}
+        get = self._trackers.get
+        self._reclear = {rid for rid in self._reclear if rid in closing
+                         or ((tr := get(rid)) is not None and (tr.loading or tr.in_flight))}
+        if not self._reclear and self.healthy:
+            with contextlib.suppress(KVConnError):
+                self.client.transport.submit(Op.CLEAR, False, timeout=self.client.control_timeout,
+                                             wake=False)
 
     def get_stats(self) -> KVConnStats | None:
         return self.stats.take()
