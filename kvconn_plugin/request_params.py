@@ -9,6 +9,8 @@ works with either connector:
 * ``lmcache.max_offload_tokens`` (int >= 0): store at most this many leading tokens (whole
   chunks);
 * ``kvconn.skip_load`` (bool): no lookup and no load; the request computes its prompt;
+* ``max_offload_tokens`` / ``max_load_tokens`` (int >= 0), vLLM's OffloadingConnector keys:
+  store / load at most this many leading tokens (whole chunks);
 * ``cached_token_stats`` (present and not ``false``): ``request_finished`` returns
   ``{"cached_token_stats": {"num_vllm_cached_tokens", "num_lmcache_cached_tokens",
   "num_lmcache_extra_cached_tokens"}}`` as LMCache's connector does.
@@ -34,6 +36,8 @@ SKIP_SAVE = "lmcache.skip_save"
 MAX_OFFLOAD_TOKENS = "lmcache.max_offload_tokens"
 SKIP_LOAD = "kvconn.skip_load"
 CACHED_TOKEN_STATS = "cached_token_stats"
+VLLM_MAX_OFFLOAD_TOKENS = "max_offload_tokens"  # vLLM OffloadingConnector's keys
+VLLM_MAX_LOAD_TOKENS = "max_load_tokens"
 OUR_KEYS = frozenset({SKIP_LOAD})
 MAX_TOKENS = 1 << 40  # far beyond any context; bounds what a client can make us compute with
 SCAN_KEYS = 64  # unknown-key warnings look at this many keys at most
@@ -47,6 +51,7 @@ class RequestParams:
     skip_save: bool = False
     skip_load: bool = False
     max_offload_tokens: int | None = None
+    max_load_tokens: int | None = None
     want_stats: bool = False
 
     @property
@@ -55,6 +60,13 @@ class RequestParams:
         if self.skip_save:
             return 0
         return self.max_offload_tokens
+
+    @property
+    def load_limit(self) -> int | None:
+        """Tokens that may be loaded (None: no limit)."""
+        if self.skip_load:
+            return 0
+        return self.max_load_tokens
 
 
 DEFAULT = RequestParams()
@@ -75,14 +87,23 @@ def parse_request_params(raw: Any, request_id: str = "?") -> RequestParams:
             _warn.warning("unknown", "kvconn: request %s: unknown kv_transfer_params key %r "
                           "ignored (accepted: %s)", request_id, key[:64],
                           ", ".join(sorted(OUR_KEYS | {SKIP_SAVE, MAX_OFFLOAD_TOKENS,
-                                                       CACHED_TOKEN_STATS})))
+                                                       CACHED_TOKEN_STATS,
+                                                       VLLM_MAX_OFFLOAD_TOKENS,
+                                                       VLLM_MAX_LOAD_TOKENS})))
     return RequestParams(
         skip_save=_flag(raw, SKIP_SAVE, request_id),
         skip_load=_flag(raw, SKIP_LOAD, request_id),
-        max_offload_tokens=_tokens(raw, MAX_OFFLOAD_TOKENS, request_id),
+        max_offload_tokens=_least(_tokens(raw, MAX_OFFLOAD_TOKENS, request_id),
+                                  _tokens(raw, VLLM_MAX_OFFLOAD_TOKENS, request_id)),
+        max_load_tokens=_tokens(raw, VLLM_MAX_LOAD_TOKENS, request_id),
         # LMCache answers whenever the key is present; an explicit false opts out.
         want_stats=CACHED_TOKEN_STATS in raw and raw[CACHED_TOKEN_STATS] is not False,
     )
+
+
+def _least(*limits: int | None) -> int | None:
+    given = [n for n in limits if n is not None]
+    return min(given) if given else None
 
 
 def _flag(raw: Mapping, key: str, request_id: str) -> bool:
@@ -147,16 +168,16 @@ class RequestControls:
         entry = self._entry(request)
         return DEFAULT if entry is None else entry.params
 
-    def skip_load(self, request: Any) -> bool:
+    def load_cap(self, request: Any, chunk: int) -> int | None:
+        """Chunk-aligned number of leading tokens this request may load (None: any)."""
         entry = self._entry(request)
-        return entry is not None and entry.params.skip_load
+        limit = None if entry is None else entry.params.load_limit
+        return None if limit is None else limit // chunk * chunk
 
     def store_cap(self, request: Any, chunk: int) -> int | None:
         """Chunk-aligned number of leading tokens this request may store (None: any)."""
         entry = self._entry(request)
-        if entry is None:
-            return None
-        limit = entry.params.store_limit
+        limit = None if entry is None else entry.params.store_limit
         return None if limit is None else limit // chunk * chunk
 
     def note_hits(self, request: Any, vllm_tokens: int, lmcache_tokens: int) -> None:

@@ -145,10 +145,11 @@ class SchedulerAdapter:
         chunk = self.chunk_size
         if not self.config.load or not self.healthy or chunk is None:
             return
-        if self.controls.skip_load(tr.request):
-            return
         # Leave at least one token for vLLM to compute: the last one never comes from us.
         end = (tr.request.num_tokens - 1) // chunk * chunk
+        cap = self.controls.load_cap(tr.request, chunk)  # the request's own load limit
+        if cap is not None:
+            end = min(end, cap)
         if end <= 0:
             return
         tr.lookup_end = end

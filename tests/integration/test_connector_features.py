@@ -226,32 +226,34 @@ def test_reset_with_the_server_down_answers_false_at_once(lmcache_server_factory
 
 def _run_collect(h: SchedHarness, worker: Worker | None = None):
     stores, loads, params = [], [], {}
+    done: set[str] = set()  # loads the worker finished, reported with the next step
     for _ in range(600):
-        so, outs = h.step()
+        so, outs = h.step(finished_recving=done)
+        done = set()
         stores += so.kv_connector_metadata.stores
         for spec in so.kv_connector_metadata.loads:
             loads.append(spec)
             if worker is not None:
                 worker.load(spec)
+            done.add(spec.request_id)
         for eco in outs.values():
             for o in eco.outputs:
                 if o.finish_reason is not None:
                     params[o.request_id] = o.kv_transfer_params
-        if so.kv_connector_metadata.loads:
-            h.step(finished_recving={s.request_id for s in so.kv_connector_metadata.loads})
         if not h.scheduler.has_requests() and not h.connector._scheduler._closing:
             return stores, loads, params
         time.sleep(0.005)
-    raise AssertionError(f"left: {sorted(h.scheduler.requests)}")
+    left = {r: (q.status, q.num_computed_tokens) for r, q in h.scheduler.requests.items()}
+    raise AssertionError(f"left: {left}")
 
 
 def test_per_request_kv_transfer_params(server, caplog):
     h = _harness(server)
     model = h.vllm_config.model_config.model
     worker = Worker(server, model)
-    cached, cached_b = _tokens(600, 41), _tokens(600, 47)
-    seed_server(server.url, model, cached)
-    seed_server(server.url, model, cached_b)
+    cached, cached_b, cached_c = _tokens(600, 41), _tokens(600, 47), _tokens(600, 48)
+    for toks in (cached, cached_b, cached_c):
+        seed_server(server.url, model, toks)
     try:
         h.add(
             h.request("skip", _tokens(600, 42), kv_transfer_params={"lmcache.skip_save": True}),
@@ -265,6 +267,7 @@ def test_per_request_kv_transfer_params(server, caplog):
                       kv_transfer_params={"lmcache.skip_save": "maybe",
                                           "lmcache.max_offload_tokens": -5}),
             h.request("plain", _tokens(300, 46)),
+            h.request("loadcap", cached_c, kv_transfer_params={"max_load_tokens": 300}),
         )
         with caplog.at_level(logging.WARNING, logger="kvconn_plugin.request_params"):
             stores, loads, params = _run_collect(h, worker)
@@ -275,7 +278,8 @@ def test_per_request_kv_transfer_params(server, caplog):
         assert by["cap"] == [(0, 256)]
         assert by["bad"] == [(0, 512)]  # bad values ignored: defaults apply
         assert any("maybe" in r.getMessage() for r in caplog.records)
-        assert {s.request_id for s in loads} == {"stats"}
+        assert {(s.request_id, s.start, s.end) for s in loads} == {("stats", 0, 512),
+                                                                   ("loadcap", 0, 256)}
         assert params["stats"] == {"cached_token_stats": {
             "num_vllm_cached_tokens": 0, "num_lmcache_cached_tokens": 512,
             "num_lmcache_extra_cached_tokens": 512}}

@@ -29,6 +29,9 @@ def _req(rid: str, params) -> SimpleNamespace:
     ({"lmcache.max_offload_tokens": 512}, RequestParams(max_offload_tokens=512)),
     ({"lmcache.max_offload_tokens": "256"}, RequestParams(max_offload_tokens=256)),
     ({"lmcache.max_offload_tokens": 300.0}, RequestParams(max_offload_tokens=300)),
+    ({"max_offload_tokens": 100, "lmcache.max_offload_tokens": 300},  # vLLM's key too
+     RequestParams(max_offload_tokens=100)),
+    ({"max_load_tokens": 256}, RequestParams(max_load_tokens=256)),
     ({"cached_token_stats": True}, RequestParams(want_stats=True)),
     ({"cached_token_stats": None}, RequestParams(want_stats=True)),  # present: LMCache answers
     ({"cached_token_stats": False}, RequestParams()),
@@ -81,14 +84,16 @@ def test_many_keys_are_bounded():
 def test_controls_store_cap_and_skip_load():
     c = RequestControls()
     plain = _req("a", None)
-    assert c.store_cap(plain, 256) is None and not c.skip_load(plain)
+    assert c.store_cap(plain, 256) is None and c.load_cap(plain, 256) is None
     assert c.finish(plain) is None
     assert len(c) == 0  # requests without params leave nothing behind
     limited = _req("b", {"lmcache.max_offload_tokens": 700})
     assert c.store_cap(limited, 256) == 512  # whole chunks only
     skip = _req("c", {"lmcache.skip_save": True, "kvconn.skip_load": True})
-    assert c.store_cap(skip, 256) == 0 and c.skip_load(skip)
-    assert c.finish(limited) is None and c.finish(skip) is None
+    assert c.store_cap(skip, 256) == 0 and c.load_cap(skip, 256) == 0
+    loads = _req("d", {"max_load_tokens": 600})
+    assert c.load_cap(loads, 256) == 512 and c.store_cap(loads, 256) is None
+    assert all(c.finish(r) is None for r in (limited, skip, loads))
     assert len(c) == 0
 
 
