@@ -18,11 +18,12 @@ import blake3
 NONE_HASH = blake3.blake3((0).to_bytes(8, "big", signed=True) + struct.pack(">I", 0)).digest()
 
 
-def chunk_hashes(token_ids: Sequence[int], chunk_size: int, known: list[bytes]) -> list[bytes]:
+def chunk_hashes(token_ids: Sequence[int], chunk_size: int, known: list[bytes],
+                 end: int | None = None) -> list[bytes]:
     """Extend ``known`` (the hashes of the first ``len(known)`` chunks) to every whole chunk
-    of ``token_ids`` and return it. Callers keep ``known`` per request, so each chunk is
-    hashed once however often the request stores."""
-    n = len(token_ids) // chunk_size
+    of ``token_ids[:end]`` and return it. Callers keep ``known`` per request, so each chunk
+    is hashed once however often the request stores."""
+    n = min(len(token_ids), len(token_ids) if end is None else end) // chunk_size
     prev = known[-1] if known else NONE_HASH
     fmt = f">{chunk_size}I"
     for i in range(len(known), n):

@@ -188,8 +188,9 @@ class OffloadEvents:
         tokens = spec.token_ids
         if hashes is None or spec.start % chunk or spec.end % chunk or len(tokens) < spec.end:
             return []
-        server = chunk_hashes(tokens[:spec.end], chunk,
-                              self._server_hashes.setdefault(spec.request_id, []))
+        # Only the chunks this request had not hashed before are hashed now.
+        server = chunk_hashes(tokens, chunk, self._server_hashes.setdefault(spec.request_id, []),
+                              end=spec.end)
         lora = getattr(req, "lora_request", None)
         base = {
             "block_size": bs,

@@ -17,6 +17,7 @@ def test_incremental_equals_whole_and_only_whole_chunks():
     known: list[bytes] = []
     chunk_hashes(toks[:300], 256, known)
     assert len(known) == 1
+    assert chunk_hashes(toks, 256, known, end=512) == whole[:2]  # stops at end
     assert chunk_hashes(toks, 256, known) == whole
     assert len(set(whole)) == 3
     # Prefix semantics: a changed early token changes every later hash.
