@@ -34,6 +34,7 @@ KVCONN_KEYS = {
     "kvconn.store": "bool: write new KV to the server",
     "kvconn.load": "bool: read KV hits from the server",
     "kvconn.model_name": "str: cache namespace (default: the model path/name)",
+    "kvconn.kv_events_hashes": "vllm | lmcache: block hashes of our KV events (see README)",
 }
 LMCACHE_KEYS = (
     "lmcache.mp.host",
@@ -69,6 +70,7 @@ class KVConnConfig:
     store: bool = True
     load: bool = True
     model_name: str | None = None
+    kv_events_hashes: str = "vllm"
     extra: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
 
@@ -124,6 +126,7 @@ def parse_config(
         store=_bool(extra, "kvconn.store", True),
         load=_bool(extra, "kvconn.load", True),
         model_name=_opt_str(extra, "kvconn.model_name"),
+        kv_events_hashes=_choice(extra, "kvconn.kv_events_hashes", ("vllm", "lmcache"), "vllm"),
         extra=extra,
     )
 

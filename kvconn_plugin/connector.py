@@ -84,6 +84,7 @@ class KVConnPluginConnector(KVConnectorBase_V1):
                     block_size=block_size,
                     writers=pc.world_size // (pc.tensor_parallel_size if mla else 1),
                     hash_block_size=getattr(kv_cache_config, "hash_block_size", None),
+                    hashes=config.kv_events_hashes,
                 )
                 self._events.start_stream(
                     self._scheduler.client.url, model_name,

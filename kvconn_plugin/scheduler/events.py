@@ -67,9 +67,14 @@ class OffloadEvents:
         block_size: vLLM's block size (tokens per block hash in the events).
         writers: workers that store each chunk (one confirmation each).
         hash_block_size: granularity of ``request.block_hashes`` (vLLM's hash block size).
+        hashes: "vllm" (default: vLLM's block hashes, what routers match prompts with) or
+            "lmcache" (one hash per chunk, the server's own, as LMCache's connector emits:
+            for routers set up for LMCache's events).
     """
 
-    def __init__(self, *, block_size: int, writers: int, hash_block_size: int | None = None):
+    def __init__(self, *, block_size: int, writers: int, hash_block_size: int | None = None,
+                 hashes: str = "vllm"):
+        self.lmcache_hashes = hashes == "lmcache"
         self.block_size = block_size
         self.hash_block_size = hash_block_size or block_size
         self.writers = max(1, writers)
@@ -183,14 +188,19 @@ class OffloadEvents:
                 self._withdraw_all()
 
     def _describe(self, req: Any, spec: TransferSpec, chunk: int) -> list[_Chunk]:
-        bs = self.block_size
-        hashes = self._block_hashes(req)
         tokens = spec.token_ids
-        if hashes is None or spec.start % chunk or spec.end % chunk or len(tokens) < spec.end:
+        if spec.start % chunk or spec.end % chunk or len(tokens) < spec.end:
             return []
         # Only the chunks this request had not hashed before are hashed now.
         server = chunk_hashes(tokens, chunk, self._server_hashes.setdefault(spec.request_id, []),
                               end=spec.end)
+        if self.lmcache_hashes:
+            return [self._lmcache_chunk(server, s // chunk, tokens[s:s + chunk], chunk)
+                    for s in range(spec.start, spec.end, chunk)]
+        hashes = self._block_hashes(req)
+        if hashes is None:
+            return []
+        bs = self.block_size
         lora = getattr(req, "lora_request", None)
         base = {
             "block_size": bs,
@@ -216,6 +226,17 @@ class OffloadEvents:
             )
             out.append(_Chunk(server[s // chunk], block_hashes[-1], event))
         return out
+
+    @staticmethod
+    def _lmcache_chunk(server: list[bytes], i: int, tokens: Any, chunk: int) -> _Chunk:
+        h = maybe_convert_block_hash(server[i])
+        event = BlockStored(
+            block_hashes=[h],
+            parent_block_hash=maybe_convert_block_hash(server[i - 1]) if i else None,
+            token_ids=list(tokens), block_size=chunk, lora_id=None, medium=MEDIUM_CPU,
+            lora_name=None,
+        )
+        return _Chunk(server[i], h, event)
 
     def _block_hashes(self, req: Any) -> list[Any] | None:
         hashes = getattr(req, "block_hashes", None)

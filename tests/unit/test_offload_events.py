@@ -132,3 +132,21 @@ def test_unknown_requests_and_short_hashes_emit_nothing():
     ev.on_worker_events(StoreAckBatch([("r1", 0, 64)]))
     ev.on_worker_events(object())  # someone else's event container
     assert ev.take() == []
+
+
+def test_lmcache_hash_mode_emits_what_lmcaches_connector_emits():
+    ev = OffloadEvents(block_size=BS, writers=1, hashes="lmcache")
+    req = make_request("r1", list(range(100, 300)), block_size=BS)
+    ev.watch(req)
+    ev.on_stores_planned([_spec(req, 0, 128)], CHUNK)
+    ev.on_worker_events(StoreAckBatch([("r1", 0, 128)]))
+    first, second = ev.take()
+    server = chunk_hashes(req.all_token_ids[:128], CHUNK, [])
+    conv = [maybe_convert_block_hash(h) for h in server]
+    # One hash per chunk (the server's), block_size = chunk size, chained by parent.
+    assert first.block_hashes == [conv[0]] and first.parent_block_hash is None
+    assert second.block_hashes == [conv[1]] and second.parent_block_hash == conv[0]
+    assert first.block_size == CHUNK and first.medium == "CPU"
+    ev.on_records([_removed([server[0]])], time.monotonic())
+    (removed,) = ev.take()
+    assert removed.block_hashes == [conv[0]]
