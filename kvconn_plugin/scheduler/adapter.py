@@ -452,7 +452,10 @@ class SchedulerAdapter:
         """
         if not self.healthy:
             return False
-        busy = {rid for rid, tr in self._trackers.items() if tr.loading or tr.in_flight}
+        # Requests holding read locks now (the frees below race with the CLEAR on the
+        # server): once they hold none, one more CLEAR follows (_maybe_reclear).
+        busy = {rid for rid, tr in self._trackers.items()
+                if tr.loading or tr.in_flight or not tr.locks_settled}
         busy.update(tr.request_id for tr, _ in self._closing.values())
         for tr in list(self._trackers.values()):
             if tr.loading:
