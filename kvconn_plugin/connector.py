@@ -77,7 +77,7 @@ class KVConnPluginConnector(KVConnectorBase_V1):
                              tp_size=pc.tensor_parallel_size)
             self._worker = WorkerAdapter(
                 config, model_name=model_name, ranks=ranks, block_size=block_size,
-                use_mla=mla, head_size=int(model.get_head_size()), kv_split=_kv_split(mla),
+                head_size=int(model.get_head_size()), kv_split="mla" if mla else "fused",
             )
 
     # ------------------------------------------------------------------ role access
@@ -101,10 +101,23 @@ class KVConnPluginConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._work().register_kv_caches(kv_caches)
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        """Bind the step's metadata and start its transfers (worker process, before the
+        forward): the network round trips then overlap the forward."""
+        super().bind_connector_metadata(connector_metadata)
+        if isinstance(connector_metadata, KVConnMetadata):
+            self._work().start_transfers(connector_metadata)
+
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = self._bound_meta()
         if meta is not None:
             self._work().start_load_kv(meta)
+
+    def handle_preemptions(self, kv_connector_metadata: Any) -> None:
+        """Nothing to flush (worker process): a store copies its blocks within the
+        ``wait_for_save`` of the step that planned it, before any block can be preempted
+        and reused; its network legs never read vLLM's memory."""
+        return None
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None  # loads complete before vLLM schedules the request (async loads)
@@ -183,16 +196,6 @@ class KVConnPluginConnector(KVConnectorBase_V1):
         for adapter in (self._scheduler, self._worker):
             if adapter is not None:
                 adapter.shutdown()
-
-
-def _kv_split(mla: bool) -> str:
-    if mla:
-        return "mla"
-    from vllm.platforms import current_platform
-
-    # vLLM's CPU attention keeps a K plane then a V plane per (block, head); GPU backends
-    # pack K|V per token.
-    return "planes" if current_platform.is_cpu() else "packed"
 
 
 def _global_rank(pc: Any) -> int:

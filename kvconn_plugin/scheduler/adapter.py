@@ -69,6 +69,7 @@ class SchedulerAdapter:
             control_timeout=config.control_timeout,
             transfer_timeout=config.transfer_timeout,
             defer_wake=True,
+            heartbeat=config.heartbeat_interval,
         )
         self.chunk_size: int | None = None
         self._trackers: dict[str, RequestTracker] = {}
@@ -138,7 +139,7 @@ class SchedulerAdapter:
 
     def _start_lookup(self, tr: RequestTracker) -> None:
         chunk = self.chunk_size
-        if not self.config.load or not self.healthy or chunk is None:
+        if not self.config.load or not self.healthy or chunk is None or tr.load_failed:
             return
         # Leave at least one token for vLLM to compute: the last one never comes from us.
         end = (tr.request.num_tokens - 1) // chunk * chunk
@@ -171,6 +172,12 @@ class SchedulerAdapter:
         the request and the lookup result, so repeated calls agree.
         """
         tr = self._tracker(request)
+        if tr.load_from is not None and not tr.loading:
+            # Asked again after this request's load ended: a load that worked leaves
+            # computed tokens, so vLLM would not ask; it failed (vLLM recomputes), or the
+            # request was preempted before we reset it. The hit was used up either way, and
+            # offering it again would fail the same way (or wait on a load never planned).
+            return 0, False
         if tr.state is LookupState.IDLE and tr.load_from is None and not tr.loading:
             self._start_lookup(tr)  # e.g. a resumed request after preemption
         was_in_flight = tr.in_flight
@@ -228,10 +235,12 @@ class SchedulerAdapter:
                 skip_blocks=max(0, computed) // self.block_size))
             tr.loading = True
             tr.load_from = -1
+            tr.load_failed = True
             self._release_locks(tr)
             return
         tr.load_from = start
         tr.loading = True
+        tr.load_blocks = frozenset(block_ids[first + (computed - start) // self.block_size:last])
         tr.stored_end = max(tr.stored_end, end)  # these chunks are on the server already
         tr.store_countdown = 0  # the load moves computed tokens: check exactly next time
         self._pending_loads.append(TransferSpec(
@@ -354,13 +363,18 @@ class SchedulerAdapter:
                     tr, time.monotonic() + DRAIN_TIMEOUT)
         fresh = RequestTracker(tr.request_id, tr.request, tr.cache_salt)
         fresh.stored_end = tr.stored_end
+        fresh.load_failed = tr.load_failed
         self._trackers[tr.request_id] = fresh
 
     def update_connector_output(self, output: Any) -> None:
+        invalid = output.invalid_block_ids or ()
+        failed = output.failed_recving or ()
         for req_id in output.finished_recving or ():
             tr = self._trackers.get(req_id)
             if tr is not None:
                 tr.loading = False
+                if req_id in failed or not tr.load_blocks.isdisjoint(invalid):
+                    tr.load_failed = True
 
     # ------------------------------------------------------------------ finish
 

@@ -1,10 +1,12 @@
 """Worker-side half of the connector (runs in every vLLM worker process, one per TP x PP rank).
 
-Stores run in ``wait_for_save``, after the step's forward, synchronously: the blocks are
-copied into the server's SHM slots before vLLM can free or reuse them. Loads run on one
-background thread per worker so the engine keeps stepping; vLLM holds the request in
-WAITING_FOR_REMOTE_KVS until ``get_finished`` reports it. Every failure becomes either a
-dropped store or a load error (vLLM recomputes); nothing raises into the engine.
+Each step's transfers start when vLLM binds the step's metadata, before the forward:
+PREPARE_STORE for the stores, and the loads (PREPARE_RETRIEVE, then the copy on a background
+thread, so a hit's KV can land while this step's forward runs). Stores copy vLLM's blocks in
+``wait_for_save`` and finish in the background (``store_pipeline``); loads are reported
+through ``get_finished`` and vLLM keeps the request in WAITING_FOR_REMOTE_KVS until then.
+No hook waits on the network. Every failure becomes a dropped store or a failed load that
+vLLM recomputes; nothing raises into the engine.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from kvconn_plugin.client.api import LMCacheClient
+from kvconn_plugin.client.reply_future import ReplyFuture
 from kvconn_plugin.config import KVConnConfig
 from kvconn_plugin.errors import KVConnError
 from kvconn_plugin.metadata import KVConnMetadata, TransferSpec
 from kvconn_plugin.parallel import KVRanks
 from kvconn_plugin.stats import KVConnStats
 from kvconn_plugin.utils import RateLimitedLog
-from kvconn_plugin.worker.session import ServerSession
+from kvconn_plugin.worker.session import ChunkPlan, ServerSession
+from kvconn_plugin.worker.store_pipeline import PendingStore, StorePipeline
 
 if TYPE_CHECKING:
     import torch
@@ -36,10 +40,10 @@ class WorkerAdapter:
         model_name: cache namespace.
         ranks: this rank's KV identity.
         block_size: vLLM manager block size in tokens.
-        use_mla: the model stores one latent plane per token.
-        head_size: per-head size in elements (the K/V split point).
-        kv_split: how K and V sit in vLLM's packed content dim: "packed" (GPU backends),
-            "planes" (vLLM's CPU attention backend) or "mla".
+        head_size: per-head size in elements (the K/V split point of the split layouts).
+        kv_split: how chunks are laid out: "fused" (each head's whole content per token as
+            opaque bytes, LMCache's own object layout; the default), "mla" (the same with
+            one latent head), or the K/V-splitting "packed" / "planes" layouts.
         client_factory: injected for tests.
     """
 
@@ -50,32 +54,34 @@ class WorkerAdapter:
         model_name: str,
         ranks: KVRanks,
         block_size: int,
-        use_mla: bool,
         head_size: int,
-        kv_split: str,
+        kv_split: str = "fused",
         client_factory: Any = None,
     ):
         self.config = config
         self.model_name = model_name
         self.ranks = ranks
         self.block_size = block_size
-        self.use_mla = use_mla
         self.head_size = head_size
         self.kv_split = kv_split
         self._client_factory = client_factory or (
             lambda url: LMCacheClient(
                 url, control_timeout=config.control_timeout,
-                transfer_timeout=config.transfer_timeout,
+                transfer_timeout=config.transfer_timeout, heartbeat=config.heartbeat_interval,
             )
         )
         self.session: ServerSession | None = None
+        self.stores: StorePipeline | None = None
         self.stats = KVConnStats()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvconn-load")
         self._loads: dict[str, Future] = {}
         self._load_errors: set[int] = set()
-        self._done_recving: set[str] = set()
+        self._failed_loads: set[str] = set()
         self._lock = threading.Lock()
         self._autostarted: Any = None
+        # Metadata whose transfers were started, and the stores it began.
+        self._started: KVConnMetadata | None = None
+        self._begun: list[PendingStore] = []
 
     # ------------------------------------------------------------------ start-up
 
@@ -102,10 +108,10 @@ class WorkerAdapter:
             layout=layout,
             transfer=transfer,
             manager_block_size=self.block_size,
-            use_mla=self.use_mla,
             dtype_name=str(views[0].dtype).removeprefix("torch."),
             stats=self.stats,
         )
+        self.stores = StorePipeline(self.session, self.config.store_staging_mb * 2**20)
         self.session.connect()
         s = self.session
         path = ("engine-driven SHM pool" if s.pool is not None else
@@ -119,50 +125,75 @@ class WorkerAdapter:
 
     # ------------------------------------------------------------------ per step
 
-    def start_load_kv(self, meta: KVConnMetadata) -> None:
-        """Queue this step's loads on the load thread (worker process)."""
-        for spec in meta.loads:
-            fut = self._loader.submit(self._load_one, spec)
+    def start_transfers(self, meta: KVConnMetadata) -> None:
+        """Start this step's loads and stores when vLLM binds the metadata (worker process,
+        before the forward). Never blocks; idempotent per metadata object."""
+        if meta is self._started:
+            return
+        self._started = meta
+        self._begin_loads(meta.loads)
+        stores = self.stores
+        if stores is not None and meta.stores and self.ranks.is_writer and self.config.store:
+            self._begun.extend(stores.begin(meta.stores))
+
+    def _begin_loads(self, specs: list[TransferSpec]) -> None:
+        for spec in specs:
+            plan: ChunkPlan | None = None
+            prepared: ReplyFuture | None = None
+            error: KVConnError | None = None
+            session = self.session
+            if session is None or not self.config.load:
+                error = KVConnError("loading is off or the cache is unavailable")
+            else:
+                try:
+                    plan = session.plan(spec)
+                    prepared = session.client.prepare_retrieve_async(plan.key, session.instance_id)
+                except KVConnError as exc:
+                    error = exc
+            fut = self._loader.submit(self._load_one, spec, plan, prepared, error)
             with self._lock:
                 self._loads[spec.request_id] = fut
 
-    def _load_one(self, spec: TransferSpec) -> bool:
+    def _load_one(self, spec: TransferSpec, plan: ChunkPlan | None, prepared: ReplyFuture | None,
+                  error: KVConnError | None) -> bool:
         session = self.session
         ok = False
-        if session is not None and self.config.load:
-            try:
-                ok = session.retrieve(spec)
-            except KVConnError as exc:
-                _warn.warning("load", "kvconn: load of %s failed (%s); vLLM recomputes it",
-                              spec.request_id, exc)
-            except Exception:  # a bug here must not kill the engine
-                logger.exception("kvconn: unexpected error loading %s", spec.request_id)
+        try:
+            if error is not None:
+                raise error
+            if session is None or plan is None or prepared is None:
+                raise KVConnError("the cache is unavailable")
+            session.retrieve(spec, plan, prepared)
+            ok = True
+        except KVConnError as exc:
+            _warn.warning("load", "kvconn: load of %s failed (%s); vLLM recomputes it",
+                          spec.request_id, exc)
+        except Exception:  # a bug here must not kill the engine
+            logger.exception("kvconn: unexpected error loading %s", spec.request_id)
         if not ok:
             self.stats.record("load_failures")
             with self._lock:
                 self._load_errors.update(spec.block_ids[spec.skip_blocks:])
+                self._failed_loads.add(spec.request_id)
         return ok
 
+    def start_load_kv(self, meta: KVConnMetadata) -> None:
+        """vLLM's hook; the loads started at bind time already (see start_transfers)."""
+        self.start_transfers(meta)
+
     def wait_for_save(self, meta: KVConnMetadata) -> None:
-        """Copy this step's finished chunks into the server (worker process)."""
-        session = self.session
-        if session is None or not meta.stores or not self.ranks.is_writer:
-            return
-        for spec in meta.stores:
-            try:
-                session.store(spec)
-            except KVConnError as exc:
-                self.stats.record("store_failures")
-                _warn.warning("store", "kvconn: store of %s dropped (%s)", spec.request_id, exc)
-            except Exception:
-                self.stats.record("store_failures")
-                logger.exception("kvconn: unexpected error storing %s", spec.request_id)
+        """Copy this step's stored chunks out of vLLM's blocks (worker process); the network
+        legs of each store finish in the background."""
+        self.start_transfers(meta)
+        begun, self._begun = self._begun, []
+        if begun and self.stores is not None:
+            self.stores.copy(begun)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         """Report finished loads (failed ones too: their blocks are in the load errors).
 
         A request aborted mid-load is still reported here; that is what lets vLLM free the
-        blocks it kept for us. Stores are synchronous, so nothing is ever "sending".
+        blocks it kept for us. Stores never keep blocks, so nothing is ever "sending".
         """
         recving: set[str] = set()
         with self._lock:
@@ -172,20 +203,33 @@ class WorkerAdapter:
                     recving.add(req_id)
         return None, recving or None
 
+    def take_failed_loads(self, finished: set[str]) -> set[str]:
+        """Ids among ``finished`` (just reported) whose load failed."""
+        with self._lock:
+            failed = self._failed_loads & finished
+            self._failed_loads -= failed
+        return failed
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         with self._lock:
             errors, self._load_errors = self._load_errors, set()
         return errors
+
+    def wait_stores_idle(self, timeout: float = 30.0) -> bool:
+        """Until every store begun so far has settled (tests, benchmarks)."""
+        return self.stores is None or self.stores.wait_idle(timeout)
 
     def get_stats(self) -> KVConnStats | None:
         return self.stats.take()
 
     def shutdown(self) -> None:
         self._loader.shutdown(wait=True, cancel_futures=True)
+        if self.stores is not None:
+            self.stores.wait_idle(timeout=min(5.0, self.config.transfer_timeout))
+            self.stores.close()
         if self.session is not None:
             self.session.close()
             self.session = None
         if self._autostarted is not None:
             self._autostarted.stop()
             self._autostarted = None
-

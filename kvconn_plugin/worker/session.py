@@ -15,11 +15,14 @@ import logging
 import math
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from kvconn_plugin.client.api import LMCacheClient, new_instance_id
-from kvconn_plugin.client.protocol import CacheKey, RegisterEngineDrivenPayload
+from kvconn_plugin.client.protocol import CacheKey, Op, RegisterEngineDrivenPayload
+from kvconn_plugin.client.reply_future import ReplyFuture
 from kvconn_plugin.client.shm_pool import ShmPool
+from kvconn_plugin.client.transport import wait
 from kvconn_plugin.config import KVConnConfig
 from kvconn_plugin.errors import KVConnError, KVConnProtocolError, KVConnTimeout, KVConnUnavailable
 from kvconn_plugin.metadata import TransferSpec
@@ -29,6 +32,22 @@ from kvconn_plugin.utils import PeriodicTask, RateLimitedLog
 
 logger = logging.getLogger(__name__)
 _warn = RateLimitedLog(logger, interval=30.0)
+
+
+@dataclass(frozen=True, eq=False)
+class ChunkPlan:
+    """One transfer of whole chunks, checked against the registration."""
+
+    key: CacheKey
+    nchunks: int
+    blocks_per_chunk: int   # kernel blocks per chunk
+    shape: tuple[int, ...]  # slot shape in elements
+    blocks: list[int]       # kernel block ids covering the range, in order
+    pool: ShmPool | None    # the pool the server's slots refer to (None: pickled chunks)
+
+    def chunk_blocks(self, ci: int) -> list[int]:
+        bpc = self.blocks_per_chunk
+        return self.blocks[ci * bpc:(ci + 1) * bpc]
 
 
 class ServerSession:
@@ -42,7 +61,6 @@ class ServerSession:
         layout: Any,
         transfer: Any,
         manager_block_size: int,
-        use_mla: bool,
         dtype_name: str,
         stats: KVConnStats,
     ):
@@ -52,7 +70,6 @@ class ServerSession:
         self.ranks = ranks
         self.layout = layout
         self.transfer = transfer
-        self.use_mla = use_mla
         self.dtype_name = dtype_name
         self.stats = stats
         self.instance_id = new_instance_id()
@@ -66,7 +83,7 @@ class ServerSession:
         self._reg_lock = threading.Lock()
         # Store (engine thread) and load (load thread) may overlap; their copies share the
         # transfer object and its stream, so only the copy sections are serialized.
-        self._xfer_lock = threading.Lock()
+        self.xfer_lock = threading.Lock()
         self._heartbeat_task = PeriodicTask("kvconn-worker-health", config.heartbeat_interval,
                                             self._heartbeat)
 
@@ -75,7 +92,7 @@ class ServerSession:
     def connect(self) -> None:
         """Register now if a server answers; otherwise degrade and keep retrying."""
         try:
-            self._register(wait=self.config.connect_timeout)
+            self._register(timeout=self.config.connect_timeout)
         except KVConnError as exc:
             if self.config.require_server:
                 self.client.close()
@@ -92,9 +109,9 @@ class ServerSession:
                        "cache and retrying in the background", self.client.url, exc)
         self._heartbeat_task.start()
 
-    def _register(self, wait: float) -> None:
+    def _register(self, timeout: float) -> None:
         with self._reg_lock:
-            chunk = self.client.get_chunk_size(timeout=wait)
+            chunk = self.client.get_chunk_size(timeout=timeout)
             if chunk % self.manager_block_size:
                 self._disable(f"server chunk size {chunk} is not a multiple of vLLM's block "
                               f"size {self.manager_block_size}")
@@ -111,10 +128,12 @@ class ServerSession:
                 num_layers=lay.num_layers,
                 hidden_dim_size=lay.num_heads * lay.run_bytes // self._itemsize(),
                 dtype_str=self.dtype_name,
-                use_mla=self.use_mla,
+                # The wire field only sets the object's plane count: one plane holds MLA's
+                # latent and the fused K|V content alike (what LMCache's connector sends).
+                use_mla=lay.num_planes == 1,
                 num_physical_slots=chunk,
             )
-            reply = self.client.register_engine_driven(payload, timeout=wait)
+            reply = self.client.register_engine_driven(payload, timeout=timeout)
             self._swap_pool(reply.shm_name, reply.pool_size)
             self.chunk_size = chunk
             self.healthy = True
@@ -167,7 +186,7 @@ class ServerSession:
             if self.healthy:
                 self.client.ping(self.instance_id, timeout=interval)
             else:
-                self._register(wait=interval)
+                self._register(timeout=interval)
                 logger.info("kvconn: re-registered with LMCache server at %s", self.client.url)
         except KVConnError as exc:
             if self.healthy:
@@ -180,7 +199,58 @@ class ServerSession:
             # after transfer_timeout. Bounds every transfer wait by ~2 heartbeat intervals.
             self.client.abort_in_flight(f"LMCache server at {self.client.url} stopped answering")
 
-    def _failed(self, exc: Exception) -> None:
+    # ------------------------------------------------------------------ transfers
+
+    def plan(self, spec: TransferSpec) -> ChunkPlan:
+        """Check a spec against the registration and the layout; what a transfer needs.
+
+        Raises ``KVConnUnavailable`` while the server is not usable (nothing is sent to a
+        server known to be down) and ``KVConnProtocolError`` for a malformed spec.
+        """
+        chunk = self.chunk_size
+        if chunk is None or not self.healthy:
+            raise KVConnUnavailable(f"LMCache server at {self.client.url} is not usable now")
+        span = spec.end - spec.start
+        if span <= 0 or spec.start % chunk or span % chunk:
+            raise KVConnProtocolError(f"range [{spec.start}, {spec.end}) is not whole chunks")
+        if len(spec.block_ids) * self.manager_block_size != span:
+            raise KVConnProtocolError(f"{len(spec.block_ids)} blocks for {span} tokens")
+        if len(spec.token_ids) < spec.end:
+            raise KVConnProtocolError("token ids shorter than the range")
+        r = self.block_ratio
+        blocks = (list(spec.block_ids) if r == 1
+                  else [b * r + i for b in spec.block_ids for i in range(r)])
+        return ChunkPlan(
+            key=CacheKey(
+                model_name=self.model_name,
+                world_size=self.ranks.world_size,
+                worker_id=self.ranks.worker_id,
+                token_ids=list(spec.token_ids),
+                start=spec.start,
+                end=spec.end,
+                request_id=spec.request_id,
+                cache_salt=spec.cache_salt,
+                num_kv_readers=self.ranks.num_kv_readers,
+            ),
+            nchunks=span // chunk,
+            blocks_per_chunk=chunk // self.layout.block_size,
+            shape=self.slot_shape(chunk),
+            blocks=blocks,
+            pool=self.pool,  # a re-registration may swap it; slots belong to this one
+        )
+
+    def slot_shape(self, chunk: int) -> tuple[int, ...]:
+        lay = self.layout
+        hidden = lay.num_heads * lay.run_bytes // self._itemsize()
+        if lay.num_planes == 1:
+            return (lay.num_layers, chunk, hidden)
+        return (2, lay.num_layers, chunk, hidden)
+
+    @property
+    def chunk_bytes(self) -> int:
+        return math.prod(self.slot_shape(self.chunk_size or 0)) * self._itemsize()
+
+    def failed(self, exc: Exception) -> None:
         """A transfer call failed: let the heartbeat check the server right away."""
         self.stats.record("server_errors")
         if isinstance(exc, KVConnUnavailable) or "no reply" in str(exc):
@@ -188,148 +258,55 @@ class ServerSession:
             self.stats.set_degraded(True)
         self._heartbeat_task.poke()
 
-    # ------------------------------------------------------------------ transfers
+    def retrieve(self, spec: TransferSpec, plan: ChunkPlan, prepared: ReplyFuture) -> None:
+        """Scatter the chunks PREPARE_RETRIEVE lent into vLLM's blocks, then release them.
 
-    def _key(self, spec: TransferSpec) -> CacheKey:
-        return CacheKey(
-            model_name=self.model_name,
-            world_size=self.ranks.world_size,
-            worker_id=self.ranks.worker_id,
-            token_ids=list(spec.token_ids),
-            start=spec.start,
-            end=spec.end,
-            request_id=spec.request_id,
-            cache_salt=spec.cache_salt,
-            num_kv_readers=self.ranks.num_kv_readers,
-        )
-
-    def _chunk_geometry(self, spec: TransferSpec) -> tuple[int, int, tuple[int, ...]]:
-        """(chunks, kernel blocks per chunk, slot shape), after checking the spec."""
-        chunk = self.chunk_size
-        if chunk is None or not self.healthy:
-            raise KVConnUnavailable(f"LMCache server at {self.client.url} is not usable now")
-        span = spec.end - spec.start
-        if span <= 0 or spec.start % chunk or span % chunk:
-            raise KVConnProtocolError(f"range [{spec.start}, {spec.end}) is not whole chunks")
-        nchunks = span // chunk
-        if len(spec.block_ids) * self.manager_block_size != span:
-            raise KVConnProtocolError(f"{len(spec.block_ids)} blocks for {span} tokens")
-        if len(spec.token_ids) < spec.end:
-            raise KVConnProtocolError("token ids shorter than the range")
-        lay = self.layout
-        hidden = lay.num_heads * lay.run_bytes // self._itemsize()
-        shape = ((lay.num_layers, chunk, hidden) if self.use_mla
-                 else (2, lay.num_layers, chunk, hidden))
-        return nchunks, chunk // lay.block_size, shape
-
-    def _kernel_blocks(self, block_ids: tuple[int, ...]) -> list[int]:
-        r = self.block_ratio
-        if r == 1:
-            return list(block_ids)
-        return [b * r + i for b in block_ids for i in range(r)]
-
-    def store(self, spec: TransferSpec) -> None:
-        """PREPARE_STORE, gather into the lent slots, COMMIT_STORE."""
-        nchunks, bpc, shape = self._chunk_geometry(spec)
-        pool = self.pool  # a re-registration may swap it; keep the one the slots belong to
-        key = self._key(spec)
-        blocks = self._kernel_blocks(spec.block_ids)
-        t0 = time.perf_counter()
-        try:
-            reply = self.client.prepare_store(key, self.instance_id)
-            ctx = reply.context
-            if pool is None:
-                return self._store_pickled(key, blocks, nchunks, bpc, shape, t0)
-            if len(ctx.slots) != len(ctx.chunk_indices):
-                raise KVConnProtocolError("prepare_store: slots and chunk indices differ")
-            if not ctx.slots:
-                return  # everything already cached (or no room): no commit expected
-            views = []
-            for slot, ci in zip(ctx.slots, ctx.chunk_indices, strict=True):
-                if ci >= nchunks:
-                    raise KVConnProtocolError(f"prepare_store: chunk index {ci} >= {nchunks}")
-                views.append((ci, pool.slot_view(slot, shape, self.dtype_name)))
-            with self._xfer_lock:
-                for ci, view in views:
-                    self.transfer.gather(blocks[ci * bpc:(ci + 1) * bpc], view)
-                self.transfer.synchronize()
-            ok = self.client.commit_store(key, self.instance_id, b"")
-        except KVConnError as exc:
-            self._failed(exc)
-            raise
-        if not ok:
-            raise KVConnProtocolError("commit_store refused (reservation expired?)")
-        self.stats.record("stored_chunks", len(ctx.slots))
-        self.stats.record("stored_bytes", len(ctx.slots) * math.prod(shape) * self._itemsize())
-        self.stats.record("store_seconds", time.perf_counter() - t0)
-
-    def _store_pickled(self, key: CacheKey, blocks: list[int], nchunks: int, bpc: int,
-                       shape: tuple[int, ...], t0: float) -> None:
-        import torch
-
-        from kvconn_plugin.client import pickle_codec
-
-        chunks = []
-        with self._xfer_lock:
-            for ci in range(nchunks):
-                buf = torch.empty(math.prod(shape) * self._itemsize(), dtype=torch.uint8)
-                self.transfer.gather(blocks[ci * bpc:(ci + 1) * bpc], buf)
-                chunks.append(buf)
-            self.transfer.synchronize()
-        data = pickle_codec.encode_chunks(chunks, shape, self.dtype_name)
-        if not self.client.commit_store(key, self.instance_id, data):
-            raise KVConnProtocolError("commit_store (pickled) refused")
-        self.stats.record("stored_chunks", nchunks)
-        self.stats.record("stored_bytes", len(data))
-        self.stats.record("store_seconds", time.perf_counter() - t0)
-
-    def retrieve(self, spec: TransferSpec) -> bool:
-        """PREPARE_RETRIEVE, scatter the slots into vLLM's blocks, COMMIT_RETRIEVE.
-
-        Returns False when the server no longer has the chunks (all-or-nothing).
+        ``prepared`` is the PREPARE_RETRIEVE sent when the step's metadata was bound. Raises
+        a ``KVConnError`` (vLLM recomputes) when it failed, the server no longer has every
+        chunk (all-or-nothing), or a slot does not match our layout: bytes another layout
+        wrote are never read as ours. COMMIT_RETRIEVE only releases the server's read locks,
+        so it is sent without waiting for its reply.
         """
-        nchunks, bpc, shape = self._chunk_geometry(spec)
-        pool = self.pool
-        key = self._key(spec)
-        blocks = self._kernel_blocks(spec.block_ids)
-        skip = spec.skip_blocks * self.block_ratio
         t0 = time.perf_counter()
         try:
-            reply = self.client.prepare_retrieve(key, self.instance_id)
+            reply = wait(prepared, Op.PREPARE_RETRIEVE, self.config.transfer_timeout)
             if not reply.success:
-                return False
+                raise KVConnProtocolError("the server no longer has every chunk")
             try:
-                self._scatter_reply(pool, reply, blocks, nchunks, bpc, skip, shape)
+                self._scatter_reply(plan, reply, spec.skip_blocks * self.block_ratio)
             finally:
-                # Commit even after a failed scatter: it releases the read locks.
-                self.client.commit_retrieve(key, self.instance_id)
+                # Even after a failed scatter: it releases the read locks.
+                self.client.commit_retrieve_async(plan.key, self.instance_id)
         except KVConnError as exc:
-            self._failed(exc)
+            if not isinstance(exc, KVConnProtocolError):
+                self.failed(exc)
             raise
-        self.stats.record("loaded_chunks", nchunks)
-        self.stats.record("loaded_bytes", nchunks * math.prod(shape) * self._itemsize())
+        nbytes = plan.nchunks * math.prod(plan.shape) * self._itemsize()
+        self.stats.record("loaded_chunks", plan.nchunks)
+        self.stats.record("loaded_bytes", nbytes)
         self.stats.record("load_seconds", time.perf_counter() - t0)
-        return True
 
-    def _scatter_reply(self, pool: ShmPool | None, reply: Any, blocks: list[int], nchunks: int,
-                       bpc: int, skip: int, shape: tuple[int, ...]) -> None:
+    def _scatter_reply(self, plan: ChunkPlan, reply: Any, skip: int) -> None:
+        pool, nchunks, bpc, shape = plan.pool, plan.nchunks, plan.blocks_per_chunk, plan.shape
         if pool is None:
             from kvconn_plugin.client import pickle_codec
 
             sources = pickle_codec.decode_chunks(reply.data, nchunks, shape, self.dtype_name)
         else:
+            if pool is not self.pool:
+                raise KVConnUnavailable("the server's SHM pool changed (server restarted)")
             slots = reply.context.slots
             if len(slots) != nchunks:
                 raise KVConnProtocolError(
                     f"prepare_retrieve: {len(slots)} slots for {nchunks} chunks")
             sources = [pool.slot_view(s, shape, self.dtype_name) for s in slots]
-        with self._xfer_lock:
+        with self.xfer_lock:
             for ci, src in enumerate(sources):
                 first = ci * bpc
                 local_skip = min(bpc, max(0, skip - first))
                 if local_skip == bpc:
                     continue
-                self.transfer.scatter(src, blocks[first:first + bpc], skip_blocks=local_skip)
+                self.transfer.scatter(src, plan.blocks[first:first + bpc], skip_blocks=local_skip)
             self.transfer.synchronize()
 
     # ------------------------------------------------------------------ shutdown

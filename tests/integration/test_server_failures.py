@@ -55,7 +55,7 @@ class Worker:
         self.adapter = WorkerAdapter(
             _config(server, **extra), model_name=MODEL,
             ranks=kv_ranks(mla=False, world_size=1, rank=0, tp_size=1),
-            block_size=BLOCK, use_mla=False, head_size=HEAD, kv_split="packed")
+            block_size=BLOCK, head_size=HEAD)
         self.adapter.register_kv_caches({f"layer{i}": t for i, t in enumerate(self.kv)})
 
     @property
@@ -75,8 +75,17 @@ class Worker:
         for t in self.kv:
             t[blocks.start:blocks.stop].view(torch.uint8).fill_(POISON)
 
-    def store(self, spec: TransferSpec) -> None:
-        self.adapter.wait_for_save(KVConnMetadata(stores=[spec]))
+    def store(self, spec: TransferSpec, settle: float = 60.0) -> float:
+        """One step's store as vLLM drives it (bind, forward, wait_for_save); returns how
+        long wait_for_save held the engine thread, after waiting (at most ``settle`` s) for
+        the store's network legs to finish in the background."""
+        meta = KVConnMetadata(stores=[spec])
+        self.adapter.start_transfers(meta)
+        t0 = time.monotonic()
+        self.adapter.wait_for_save(meta)
+        held = time.monotonic() - t0
+        assert self.adapter.wait_stores_idle(settle), "store still unsettled"
+        return held
 
     def load(self, spec: TransferSpec, timeout: float = 20.0) -> tuple[float, set[int]]:
         """Start the load and wait until the worker reports it; returns (seconds, error blocks)."""
