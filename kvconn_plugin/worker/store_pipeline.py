@@ -188,6 +188,8 @@ class StorePipeline:
         if buffers is None:
             return False
         p.staged, p.pooled = buffers, pooled
+        if pooled:
+            self.stats.record("stores_staged")
         with s.xfer_lock:
             for ci, buf in enumerate(buffers):
                 s.transfer.gather(plan.chunk_blocks(ci), buf)

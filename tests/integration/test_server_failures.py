@@ -451,3 +451,35 @@ def test_lookups_that_time_out_on_a_stalled_server_still_free_their_locks(server
         if server.process is not None:
             os.killpg(server.process.pid, signal.SIGCONT)
         h.connector.shutdown()
+
+
+def test_wait_for_save_never_waits_on_a_frozen_server(server):
+    """The engine thread's part of a store is the copy out of vLLM's blocks: with the
+    server frozen and every network deadline long (30 s heartbeat, 120 s transfers),
+    wait_for_save still returns at once (staged copy), and the store settles later."""
+    w = Worker(server, **{"lmcache.mp.heartbeat_interval": 30})
+    try:
+        toks, blocks = _tokens(2 * CHUNK, 9), range(2 * CHUNK // BLOCK)
+        w.fill(blocks, seed=9)
+        expected = w.blocks_bytes(blocks)
+        server.freeze()
+        meta = KVConnMetadata(stores=[_spec("g-store", toks, blocks)])
+        w.adapter.start_transfers(meta)
+        t0 = time.monotonic()
+        w.adapter.wait_for_save(meta)
+        assert time.monotonic() - t0 < 10, "wait_for_save waited on the frozen server"
+        assert w.adapter.stores.in_flight == 1  # staged, waiting for its slots
+        w.poison(blocks)  # vLLM reuses the blocks: the staged copy must not care
+        os.killpg(server.process.pid, signal.SIGCONT)
+        assert w.adapter.wait_stores_idle(60)
+        assert w.adapter.stats.data.get("stored_chunks") == 2
+        dst = range(32, 32 + len(blocks))
+        assert _lookup(server, "g-load", toks) == 2
+        _, errors = w.load(_spec("g-load", toks, dst))
+        assert errors == set()
+        for t, ref in zip(w.kv, expected, strict=True):
+            assert torch.equal(t[dst.start:dst.stop].view(torch.uint8), ref.view(torch.uint8))
+    finally:
+        if server.process is not None:
+            os.killpg(server.process.pid, signal.SIGCONT)
+        w.close()
