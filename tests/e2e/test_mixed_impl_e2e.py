@@ -25,9 +25,13 @@ pytestmark = [pytest.mark.engine, pytest.mark.lmcache_server]
 
 CHUNK = 256
 GEOMETRIES = {
-    "small": PRESETS["small"],  # 2 layers, 2 KV heads x 64
+    "small": {**PRESETS["small"], "dtype": "bfloat16"},  # 2 layers, 2 KV heads x 64
+    # float32: in bfloat16 this geometry meets a near-tie where a run with any connector
+    # (LMCache's or ours), even without one hit, picks another token than a run without
+    # one; comparing would then measure vLLM's scheduling, not the cache.
     "wide": {"num_layers": 3, "hidden_size": 512, "num_heads": 8, "num_kv_heads": 4,
-             "head_dim": 128, "intermediate_size": 1024, "vocab_size": 512},
+             "head_dim": 128, "intermediate_size": 1024, "vocab_size": 512,
+             "dtype": "float32"},
 }
 # Bound on a whole engine run: a request waiting on a load nobody plans would hit it.
 ENGINE_TIMEOUT = 420
@@ -51,9 +55,9 @@ def _prompts(seed: int) -> list[list[int]]:
     return out
 
 
-def _run(model: Path, prompts, kvt, log: Path) -> dict:
+def _run(model: Path, prompts, kvt, log: Path, dtype: str = "bfloat16") -> dict:
     return run_engine(model, prompts, kv_transfer_config=kvt, log_path=log,
-                      timeout=ENGINE_TIMEOUT)
+                      timeout=ENGINE_TIMEOUT, engine_args={"dtype": dtype})
 
 
 def _ids(run: dict) -> list[list[int]]:
@@ -63,14 +67,15 @@ def _ids(run: dict) -> list[list[int]]:
 @pytest.mark.parametrize("geometry", sorted(GEOMETRIES))
 def test_each_implementation_reads_what_the_other_stored(geometry, lmcache_server_factory,
                                                         tmp_path):
-    model = write_tiny_llama(tmp_path / geometry, **GEOMETRIES[geometry])
+    geo = GEOMETRIES[geometry]
+    model = write_tiny_llama(tmp_path / geometry, **geo)
     prompts = _prompts(seed=len(geometry))
     log = tmp_path / "engines.log"
-    base = run_engine(model, prompts, log_path=log, timeout=ENGINE_TIMEOUT)
+    base = _run(model, prompts, None, log, geo["dtype"])
     for writer, reader in (("lmcache", "builtin"), ("builtin", "lmcache")):
         server = lmcache_server_factory()
-        wrote = _run(model, prompts, _kvt(server, writer), log)
-        read = _run(model, prompts, _kvt(server, reader), log)
+        wrote = _run(model, prompts, _kvt(server, writer), log, geo["dtype"])
+        read = _run(model, prompts, _kvt(server, reader), log, geo["dtype"])
         assert _ids(wrote) == _ids(base), f"{writer} changed tokens while storing"
         assert _ids(read) == _ids(base), f"{reader} changed tokens reading {writer}'s objects"
         # Fresh engine: the first prompt of each prefix can only hit through the server.
@@ -108,7 +113,7 @@ def test_foreign_layout_objects_never_hang_or_change_tokens(lmcache_server_facto
     model = write_tiny_llama(tmp_path / "small", **GEOMETRIES["small"])
     prompts = _prompts(seed=7)
     log = tmp_path / "engines.log"
-    base = run_engine(model, prompts, log_path=log, timeout=ENGINE_TIMEOUT)
+    base = _run(model, prompts, None, log)
     server = lmcache_server_factory()
     for p in prompts[::2]:
         _store_foreign(server.url, str(model), p)
