@@ -14,10 +14,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
+    SupportsHMA,
 )
 
 from kvconn_plugin.config import parse_config
 from kvconn_plugin.errors import KVConnConfigError
+from kvconn_plugin.kv_groups import describe_groups
 from kvconn_plugin.logs import attach_to_vllm_logging
 from kvconn_plugin.metadata import KVConnMetadata
 from kvconn_plugin.parallel import kv_ranks
@@ -33,7 +36,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class KVConnPluginConnector(KVConnectorBase_V1):
+class KVConnPluginConnector(KVConnectorBase_V1, SupportsHMA):
     """Offloads KV cache to, and reuses it from, an external LMCache MP server.
 
     Args:
@@ -59,7 +62,10 @@ class KVConnPluginConnector(KVConnectorBase_V1):
         model = vllm_config.model_config
         pc = vllm_config.parallel_config
         mla = bool(getattr(model, "use_mla", False))
-        model_name = config.model_name or str(model.model)
+        # SupportsHMA keeps vLLM's hybrid KV cache manager on; kv_groups says whether every
+        # group it creates can be moved (and turns the cache off, not vLLM, when not).
+        groups = describe_groups(kv_cache_config)
+        model_name = groups.model_name(config.model_name or str(model.model))
         block_size = int(vllm_config.cache_config.block_size)
         self._scheduler: SchedulerAdapter | None = None
         self._worker: WorkerAdapter | None = None
@@ -71,13 +77,14 @@ class KVConnPluginConnector(KVConnectorBase_V1):
             ranks = kv_ranks(mla=mla, world_size=pc.world_size, rank=0,
                              tp_size=pc.tensor_parallel_size)
             self._scheduler = SchedulerAdapter(config, model_name=model_name, ranks=ranks,
-                                               block_size=block_size)
+                                               block_size=block_size, groups=groups)
         else:
             ranks = kv_ranks(mla=mla, world_size=pc.world_size, rank=_global_rank(pc),
                              tp_size=pc.tensor_parallel_size)
             self._worker = WorkerAdapter(
                 config, model_name=model_name, ranks=ranks, block_size=block_size,
                 head_size=int(model.get_head_size()), kv_split="mla" if mla else "fused",
+                groups=groups,
             )
 
     # ------------------------------------------------------------------ role access
@@ -135,6 +142,14 @@ class KVConnPluginConnector(KVConnectorBase_V1):
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return self._work().get_finished(finished_req_ids)
 
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        """Finished transfers, and (hybrid models) the loads that failed, by request."""
+        sending, recving = self.get_finished(finished_req_ids)
+        recving = set(recving or ())
+        return KVConnectorTransferResults(
+            finished_sending=set(sending or ()), finished_recving=recving,
+            failed_recving=self._work().take_failed_loads(recving))
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._work().get_block_ids_with_load_errors()
 
@@ -169,6 +184,12 @@ class KVConnPluginConnector(KVConnectorBase_V1):
     def request_finished(
         self, request: Any, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
+        return self._sched().request_finished(request, block_ids)
+
+    def request_finished_all_groups(
+        self, request: Any, block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """vLLM calls this instead of ``request_finished`` (we are ``SupportsHMA``)."""
         return self._sched().request_finished(request, block_ids)
 
     # ------------------------------------------------------------------ both / class level

@@ -19,11 +19,13 @@ from typing import TYPE_CHECKING, Any
 from kvconn_plugin.client.api import LMCacheClient
 from kvconn_plugin.client.reply_future import ReplyFuture
 from kvconn_plugin.config import KVConnConfig
-from kvconn_plugin.errors import KVConnError
+from kvconn_plugin.errors import KVConnError, KVConnTransferError
+from kvconn_plugin.kv_groups import SINGLE, KVGroups
 from kvconn_plugin.metadata import KVConnMetadata, TransferSpec
 from kvconn_plugin.parallel import KVRanks
 from kvconn_plugin.stats import KVConnStats
 from kvconn_plugin.utils import RateLimitedLog
+from kvconn_plugin.worker.chunk_copy import ChunkCopier, GroupCopy
 from kvconn_plugin.worker.session import ChunkPlan, ServerSession
 from kvconn_plugin.worker.store_pipeline import PendingStore, StorePipeline
 
@@ -44,6 +46,7 @@ class WorkerAdapter:
         kv_split: how chunks are laid out: "fused" (each head's whole content per token as
             opaque bytes, LMCache's own object layout; the default), "mla" (the same with
             one latent head), or the K/V-splitting "packed" / "planes" layouts.
+        groups: the KV cache groups the cache moves (several for a hybrid model).
         client_factory: injected for tests.
     """
 
@@ -56,6 +59,7 @@ class WorkerAdapter:
         block_size: int,
         head_size: int,
         kv_split: str = "fused",
+        groups: KVGroups = SINGLE,
         client_factory: Any = None,
     ):
         self.config = config
@@ -64,6 +68,7 @@ class WorkerAdapter:
         self.block_size = block_size
         self.head_size = head_size
         self.kv_split = kv_split
+        self.groups = groups
         self._client_factory = client_factory or (
             lambda url: LMCacheClient(
                 url, control_timeout=config.control_timeout,
@@ -90,9 +95,11 @@ class WorkerAdapter:
         from kvconn_plugin import ops
         from kvconn_plugin.server.autostart import maybe_autostart
 
-        views = list(kv_caches.values())
-        layout = ops.layout_from_vllm_views(views, self.head_size, self.kv_split)
-        transfer = ops.KVTransfer(layout, views)
+        if self.groups.unsupported:
+            logger.warning("kvconn: the KV cache is off for this model: %s",
+                           self.groups.unsupported)
+            return
+        copier = self._copier(kv_caches)
         url = self.config.server_urls[self.ranks.server_index]
         try:
             self._autostarted = maybe_autostart(self.config, url, rank=self.ranks.worker_id)
@@ -105,10 +112,9 @@ class WorkerAdapter:
             config=self.config,
             model_name=self.model_name,
             ranks=self.ranks,
-            layout=layout,
-            transfer=transfer,
+            copier=copier,
             manager_block_size=self.block_size,
-            dtype_name=str(views[0].dtype).removeprefix("torch."),
+            dtype_name=str(next(iter(kv_caches.values())).dtype).removeprefix("torch."),
             stats=self.stats,
         )
         self.stores = StorePipeline(self.session, self.config.store_staging_mb * 2**20)
@@ -118,10 +124,29 @@ class WorkerAdapter:
                 "engine-driven pickled chunks" if s.healthy else "none yet (server unavailable)")
         logger.info(
             "kvconn: worker %d ready: impl=builtin server=%s chunk=%s transfer=%s "
-            "kernels=%s layout=%s layers=%d",
+            "kernels=%s layout=%s layers=%d groups=%s",
             self.ranks.worker_id, url, s.chunk_size, path, ops.BACKEND, self.kv_split,
-            layout.num_layers,
+            copier.num_layers, self.groups.describe(),
         )
+
+    def _copier(self, kv_caches: dict[str, torch.Tensor]) -> ChunkCopier:
+        """One transfer per KV cache group over its layers, in object order."""
+        from kvconn_plugin import ops
+
+        if not self.groups.groups:
+            names = [list(kv_caches)]
+        else:
+            names = [list(g.layer_names) for g in self.groups.groups]
+            missing = [n for g in names for n in g if n not in kv_caches]
+            if missing:
+                raise KVConnTransferError(f"vLLM registered no KV cache for layers {missing[:4]}")
+        parts, first = [], 0
+        for group in names:
+            views = [kv_caches[n] for n in group]
+            layout = ops.layout_from_vllm_views(views, self.head_size, self.kv_split)
+            parts.append(GroupCopy(ops.KVTransfer(layout, views), first, len(views)))
+            first += len(views)
+        return ChunkCopier(parts)
 
     # ------------------------------------------------------------------ per step
 
@@ -173,8 +198,12 @@ class WorkerAdapter:
         if not ok:
             self.stats.record("load_failures")
             with self._lock:
-                self._load_errors.update(spec.block_ids[spec.skip_blocks:])
-                self._failed_loads.add(spec.request_id)
+                # vLLM maps block ids back to requests only with one KV cache group; a
+                # hybrid's failures are reported by request (failed_recving).
+                if self.groups.hybrid:
+                    self._failed_loads.add(spec.request_id)
+                else:
+                    self._load_errors.update(spec.block_ids[spec.skip_blocks:])
         return ok
 
     def start_load_kv(self, meta: KVConnMetadata) -> None:
@@ -204,7 +233,7 @@ class WorkerAdapter:
         return None, recving or None
 
     def take_failed_loads(self, finished: set[str]) -> set[str]:
-        """Ids among ``finished`` (just reported) whose load failed."""
+        """Ids among ``finished`` (just reported) whose load failed (hybrid models)."""
         with self._lock:
             failed = self._failed_loads & finished
             self._failed_loads -= failed

@@ -25,10 +25,12 @@ from kvconn_plugin.client.shm_pool import ShmPool
 from kvconn_plugin.client.transport import wait
 from kvconn_plugin.config import KVConnConfig
 from kvconn_plugin.errors import KVConnError, KVConnProtocolError, KVConnTimeout, KVConnUnavailable
+from kvconn_plugin.kv_groups import NULL_BLOCK_ID, leading_nulls
 from kvconn_plugin.metadata import TransferSpec
 from kvconn_plugin.parallel import KVRanks
 from kvconn_plugin.stats import KVConnStats
 from kvconn_plugin.utils import PeriodicTask, RateLimitedLog
+from kvconn_plugin.worker.chunk_copy import ChunkCopier
 
 logger = logging.getLogger(__name__)
 _warn = RateLimitedLog(logger, interval=30.0)
@@ -42,12 +44,17 @@ class ChunkPlan:
     nchunks: int
     blocks_per_chunk: int   # kernel blocks per chunk
     shape: tuple[int, ...]  # slot shape in elements
-    blocks: list[int]       # kernel block ids covering the range, in order
+    blocks: tuple[list[int], ...]  # per KV cache group: kernel block ids of the range, in order
+    skips: tuple[int, ...]  # per group: leading kernel blocks a load must leave alone
     pool: ShmPool | None    # the pool the server's slots refer to (None: pickled chunks)
 
-    def chunk_blocks(self, ci: int) -> list[int]:
+    def chunk_blocks(self, ci: int) -> tuple[list[int], ...]:
         bpc = self.blocks_per_chunk
-        return self.blocks[ci * bpc:(ci + 1) * bpc]
+        return tuple(b[ci * bpc:(ci + 1) * bpc] for b in self.blocks)
+
+    def chunk_skips(self, ci: int) -> tuple[int, ...]:
+        bpc = self.blocks_per_chunk
+        return tuple(min(bpc, max(0, s - ci * bpc)) for s in self.skips)
 
 
 class ServerSession:
@@ -58,8 +65,7 @@ class ServerSession:
         config: KVConnConfig,
         model_name: str,
         ranks: KVRanks,
-        layout: Any,
-        transfer: Any,
+        copier: ChunkCopier,
         manager_block_size: int,
         dtype_name: str,
         stats: KVConnStats,
@@ -68,14 +74,14 @@ class ServerSession:
         self.config = config
         self.model_name = model_name
         self.ranks = ranks
-        self.layout = layout
-        self.transfer = transfer
+        self.copier = copier
+        self.layout = copier.layout
         self.dtype_name = dtype_name
         self.stats = stats
         self.instance_id = new_instance_id()
         self.manager_block_size = manager_block_size
         # vLLM may split a manager block into several kernel blocks (dim 0 of the views).
-        self.block_ratio = max(1, manager_block_size // layout.block_size)
+        self.block_ratio = max(1, manager_block_size // self.layout.block_size)
         self.chunk_size: int | None = None
         self.pool: ShmPool | None = None
         self.healthy = False
@@ -125,7 +131,7 @@ class ServerSession:
                 model_name=self.model_name,
                 world_size=self.ranks.world_size,
                 block_size=lay.block_size,
-                num_layers=lay.num_layers,
+                num_layers=self.copier.num_layers,
                 hidden_dim_size=lay.num_heads * lay.run_bytes // self._itemsize(),
                 dtype_str=self.dtype_name,
                 # The wire field only sets the object's plane count: one plane holds MLA's
@@ -201,7 +207,7 @@ class ServerSession:
 
     # ------------------------------------------------------------------ transfers
 
-    def plan(self, spec: TransferSpec) -> ChunkPlan:
+    def plan(self, spec: TransferSpec, store: bool = False) -> ChunkPlan:
         """Check a spec against the registration and the layout; what a transfer needs.
 
         Raises ``KVConnUnavailable`` while the server is not usable (nothing is sent to a
@@ -217,9 +223,18 @@ class ServerSession:
             raise KVConnProtocolError(f"{len(spec.block_ids)} blocks for {span} tokens")
         if len(spec.token_ids) < spec.end:
             raise KVConnProtocolError("token ids shorter than the range")
+        groups = spec.group_block_ids()
+        if len(groups) != len(self.copier.parts) or any(
+                len(g) != len(spec.block_ids) for g in groups):
+            raise KVConnProtocolError(
+                f"{len(groups)} block lists for {len(self.copier.parts)} KV cache groups")
+        if store and any(NULL_BLOCK_ID in g for g in groups):
+            raise KVConnProtocolError("a store over vLLM's null block (outside a window)")
         r = self.block_ratio
-        blocks = (list(spec.block_ids) if r == 1
-                  else [b * r + i for b in spec.block_ids for i in range(r)])
+        # Leading null blocks are a sliding window's skipped prefix: never copied.
+        skips = tuple(r * max(spec.skip_blocks, leading_nulls(g)) for g in groups)
+        blocks = tuple(list(g) if r == 1 else [b * r + i for b in g for i in range(r)]
+                       for g in groups)
         return ChunkPlan(
             key=CacheKey(
                 model_name=self.model_name,
@@ -236,15 +251,16 @@ class ServerSession:
             blocks_per_chunk=chunk // self.layout.block_size,
             shape=self.slot_shape(chunk),
             blocks=blocks,
+            skips=skips,
             pool=self.pool,  # a re-registration may swap it; slots belong to this one
         )
 
     def slot_shape(self, chunk: int) -> tuple[int, ...]:
-        lay = self.layout
+        lay, layers = self.layout, self.copier.num_layers
         hidden = lay.num_heads * lay.run_bytes // self._itemsize()
         if lay.num_planes == 1:
-            return (lay.num_layers, chunk, hidden)
-        return (2, lay.num_layers, chunk, hidden)
+            return (layers, chunk, hidden)
+        return (2, layers, chunk, hidden)
 
     @property
     def chunk_bytes(self) -> int:
@@ -273,7 +289,7 @@ class ServerSession:
             if not reply.success:
                 raise KVConnProtocolError("the server no longer has every chunk")
             try:
-                self._scatter_reply(plan, reply, spec.skip_blocks * self.block_ratio)
+                self._scatter_reply(plan, reply)
             finally:
                 # Even after a failed scatter: it releases the read locks.
                 self.client.commit_retrieve_async(plan.key, self.instance_id)
@@ -286,8 +302,8 @@ class ServerSession:
         self.stats.record("loaded_bytes", nbytes)
         self.stats.record("load_seconds", time.perf_counter() - t0)
 
-    def _scatter_reply(self, plan: ChunkPlan, reply: Any, skip: int) -> None:
-        pool, nchunks, bpc, shape = plan.pool, plan.nchunks, plan.blocks_per_chunk, plan.shape
+    def _scatter_reply(self, plan: ChunkPlan, reply: Any) -> None:
+        pool, nchunks, shape = plan.pool, plan.nchunks, plan.shape
         if pool is None:
             from kvconn_plugin.client import pickle_codec
 
@@ -302,12 +318,8 @@ class ServerSession:
             sources = [pool.slot_view(s, shape, self.dtype_name) for s in slots]
         with self.xfer_lock:
             for ci, src in enumerate(sources):
-                first = ci * bpc
-                local_skip = min(bpc, max(0, skip - first))
-                if local_skip == bpc:
-                    continue
-                self.transfer.scatter(src, plan.blocks[first:first + bpc], skip_blocks=local_skip)
-            self.transfer.synchronize()
+                self.copier.scatter(src, plan.chunk_blocks(ci), plan.chunk_skips(ci))
+            self.copier.synchronize()
 
     # ------------------------------------------------------------------ shutdown
 

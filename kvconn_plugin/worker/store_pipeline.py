@@ -79,7 +79,7 @@ class StorePipeline:
         s = self.session
         for spec in specs:
             try:
-                plan = s.plan(spec)
+                plan = s.plan(spec, store=True)
                 fut = s.client.prepare_store_async(plan.key, s.instance_id)
             except KVConnError as exc:
                 self._dropped(spec, exc)
@@ -134,7 +134,7 @@ class StorePipeline:
                 if p.staged is not None:
                     view.copy_(p.staged[ci])
                 else:
-                    s.transfer.gather(plan.chunk_blocks(ci), view)
+                    s.copier.gather(plan.chunk_blocks(ci), view)
             direct_cuda = p.staged is None and s.layout.device != "cpu"
             if direct_cuda:
                 import torch
@@ -192,7 +192,7 @@ class StorePipeline:
             self.stats.record("stores_staged")
         with s.xfer_lock:
             for ci, buf in enumerate(buffers):
-                s.transfer.gather(plan.chunk_blocks(ci), buf)
+                s.copier.gather(plan.chunk_blocks(ci), buf)
             if s.layout.device != "cpu":
                 import torch
 
