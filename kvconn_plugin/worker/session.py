@@ -228,11 +228,13 @@ class ServerSession:
                 len(g) != len(spec.block_ids) for g in groups):
             raise KVConnProtocolError(
                 f"{len(groups)} block lists for {len(self.copier.parts)} KV cache groups")
-        if store and any(NULL_BLOCK_ID in g for g in groups):
-            raise KVConnProtocolError("a store over vLLM's null block (outside a window)")
         r = self.block_ratio
+        hybrid = len(groups) > 1  # only a hybrid's sliding windows hand out the null block
+        if hybrid and store and any(NULL_BLOCK_ID in g for g in groups):
+            raise KVConnProtocolError("a store over vLLM's null block (outside a window)")
         # Leading null blocks are a sliding window's skipped prefix: never copied.
-        skips = tuple(r * max(spec.skip_blocks, leading_nulls(g)) for g in groups)
+        skips = tuple(r * max(spec.skip_blocks, leading_nulls(g) if hybrid else 0)
+                      for g in groups)
         blocks = tuple(list(g) if r == 1 else [b * r + i for b in g for i in range(r)]
                        for g in groups)
         return ChunkPlan(
