@@ -19,7 +19,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from kvconn_plugin.config import parse_config
 from kvconn_plugin.disabled import DisabledScheduler, DisabledWorker
 from kvconn_plugin.errors import KVConnConfigError
-from kvconn_plugin.kv_formats import check_kv_cache_config
+from kvconn_plugin.kv_formats import FormatVerdict, check_kv_cache_config
 from kvconn_plugin.logs import attach_to_vllm_logging
 from kvconn_plugin.metadata import KVConnMetadata
 from kvconn_plugin.parallel import kv_ranks
@@ -65,7 +65,11 @@ class KVConnPluginConnector(KVConnectorBase_V1):
         block_size = int(vllm_config.cache_config.block_size)
         self._scheduler: SchedulerAdapter | DisabledScheduler | None = None
         self._worker: WorkerAdapter | DisabledWorker | None = None
-        fmt = check_kv_cache_config(vllm_config, kv_cache_config)
+        try:
+            fmt = check_kv_cache_config(vllm_config, kv_cache_config)
+        except Exception:  # a bug in the check must not cost the engine; workers check again
+            logger.exception("kvconn: the KV format check failed; continuing without it")
+            fmt = FormatVerdict()
         if not fmt.ok:
             # One warning per engine (the scheduler's); workers say it at INFO.
             level = logging.WARNING if role == KVConnectorRole.SCHEDULER else logging.INFO

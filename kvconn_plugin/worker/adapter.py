@@ -94,7 +94,7 @@ class WorkerAdapter:
                 raise KVConnTransferError(fmt.reason or "")
             layout = ops.layout_from_vllm_views(views, self.head_size, self.kv_split)
             transfer = ops.KVTransfer(layout, views)
-        except KVConnTransferError as exc:
+        except Exception as exc:  # KVConnTransferError, or a bug in the checks themselves
             # A cache we cannot move costs the cache, not the engine: loads then fail
             # (vLLM recomputes) and stores are skipped.
             logger.warning("kvconn: worker %d cannot move this KV cache (%s); serving without "
