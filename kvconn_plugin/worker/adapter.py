@@ -92,8 +92,7 @@ class WorkerAdapter:
             fmt = check_kv_caches(kv_caches, head_size=self.head_size, use_mla=self.use_mla)
             if not fmt.ok:
                 raise KVConnTransferError(fmt.reason or "")
-            layout = ops.layout_from_vllm_views(views, self.head_size, self.kv_split)
-            transfer = ops.KVTransfer(layout, views)
+            layout, transfer = self._bind(views)
         except Exception as exc:  # KVConnTransferError, or a bug in the checks themselves
             # A cache we cannot move costs the cache, not the engine: loads then fail
             # (vLLM recomputes) and stores are skipped.
@@ -131,12 +130,19 @@ class WorkerAdapter:
             layout.num_layers,
         )
 
+    def _bind(self, views: list[torch.Tensor]) -> tuple[Any, Any]:
+        """Geometry and copy engine for vLLM's views (registration and wake-up)."""
+        from kvconn_plugin import ops
+
+        layout = ops.layout_from_vllm_views(views, self.head_size, self.kv_split)
+        return layout, ops.KVTransfer(layout, views)
+
     def unregister_kv_caches(self) -> None:
         """vLLM sleep: stop touching the KV memory before it is unmapped (idempotent)."""
         from kvconn_plugin.worker import sleep
 
         if self.session is not None and self._asleep is None:
-            self._asleep = sleep.suspend(self.session, self.session.layout, self._views)
+            self._asleep = sleep.suspend(self.session, self._views)
 
     def restore_kv_caches(self) -> None:
         """vLLM wake-up: bind the KV views again, every pointer re-checked (idempotent)."""
@@ -144,7 +150,7 @@ class WorkerAdapter:
 
         stub, self._asleep = self._asleep, None
         if self.session is not None and stub is not None and not sleep.resume(
-                self.session, stub, self._views, self.head_size, self.kv_split):
+                self.session, stub, self._views, self._bind):
             self._asleep = stub  # stays refusing: the cache is off on this worker
 
     # ------------------------------------------------------------------ per step

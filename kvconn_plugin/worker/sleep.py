@@ -11,6 +11,7 @@ trust that, and keep the cache off on this worker if anything changed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from kvconn_plugin.errors import KVConnTransferError
@@ -20,11 +21,12 @@ logger = logging.getLogger(__name__)
 
 class UnregisteredTransfer:
     """Stands in for the copy engine while vLLM sleeps: every copy is refused before it
-    touches memory (a load then fails and vLLM recomputes; a store is dropped)."""
+    touches memory (a load then fails and vLLM recomputes; a store is dropped). Remembers
+    the geometry and layer addresses it replaced, to compare on wake-up."""
 
-    def __init__(self, layout: Any, bases: list[int]):
+    def __init__(self, layout: Any, addresses: list[int]):
         self.layout = layout
-        self.bases = bases
+        self.addresses = addresses
 
     def gather(self, block_ids: Any, dst: Any, stream: Any = None) -> None:
         raise KVConnTransferError("the KV cache is unregistered (vLLM sleep mode)")
@@ -36,35 +38,29 @@ class UnregisteredTransfer:
         return None
 
 
-def suspend(session: Any, layout: Any, views: list[Any]) -> UnregisteredTransfer:
-    """Swap the session's copy engine for a refusing one; returns it (holds the old layout
-    and pointers). A copy already running finishes first: the swap waits for it."""
-    from kvconn_plugin.ops import layout as layout_mod
-
-    stub = UnregisteredTransfer(layout, layout_mod.layer_base_pointers(layout, views))
+def suspend(session: Any, views: list[Any]) -> UnregisteredTransfer:
+    """Swap the session's copy engine for a refusing one; returns it. A copy already
+    running finishes first: the swap waits for it."""
+    stub = UnregisteredTransfer(session.layout, [v.data_ptr() for v in views])
     session.swap_transfer(stub)
     return stub
 
 
-def resume(session: Any, stub: UnregisteredTransfer, views: list[Any], head_size: int,
-           kv_split: str) -> bool:
-    """Bind the views again after wake-up; True when the cache is usable again."""
-    from kvconn_plugin import ops
-    from kvconn_plugin.ops import layout as layout_mod
-
+def resume(session: Any, stub: UnregisteredTransfer, views: list[Any],
+           bind: Callable[[list[Any]], tuple[Any, Any]]) -> bool:
+    """Bind the views again after wake-up with ``bind`` (the registration's own geometry
+    and pointer checks); True when the cache is usable again."""
     try:
-        layout = ops.layout_from_vllm_views(views, head_size, kv_split)
+        layout, transfer = bind(views)
         if layout != stub.layout:
             raise KVConnTransferError(f"KV geometry changed across sleep: {stub.layout} -> "
                                       f"{layout}")
-        bases = layout_mod.layer_base_pointers(layout, views)
-        transfer = ops.KVTransfer(layout, views)
-    except KVConnTransferError as exc:
+    except Exception as exc:  # KVConnTransferError, or anything else: the cache stays off
         logger.error("kvconn: cannot bind the KV cache again after wake-up (%s); serving "
                      "without the KV cache on this worker", exc)
         return False
-    moved = sum(a != b for a, b in zip(bases, stub.bases, strict=True))
-    logger.info("kvconn: KV cache bound again after wake-up (%d of %d layer pointers moved)",
-                moved, len(bases))
+    moved = sum(v.data_ptr() != a for v, a in zip(views, stub.addresses, strict=True))
+    logger.info("kvconn: KV cache bound again after wake-up (%d of %d layer views moved)",
+                moved, len(views))
     session.swap_transfer(transfer)
     return True
