@@ -19,7 +19,7 @@ formula cannot address, and context parallelism (each rank holds an interleaved 
 every block's tokens, and an object would mean something else under another rank split).
 
 ``check_vllm_config`` answers from the engine config alone (what ``kvconn doctor`` can see);
-``check_kv_cache_config`` adds vLLM's per-layer specs (both connector roles get them);
+``check_kv_cache_config`` adds vLLM's KV specs (both connector roles get a kv_cache_config);
 ``check_kv_caches`` inspects the registered tensors (the worker's last word).
 """
 
@@ -130,7 +130,9 @@ def _draft_shape_mismatch(vllm_config: Any) -> str | None:
 def check_kv_cache_config(
     vllm_config: Any, kv_cache_config: Any, *, opaque_content: bool = OPAQUE_CONTENT
 ) -> FormatVerdict:
-    """The engine config plus vLLM's per-layer KV specs (both roles receive them)."""
+    """The engine config plus vLLM's KV specs. Workers get every layer's spec; the scheduler
+    gets one representative layer per group, so for it the engine-config checks (indexer,
+    drafter shape) carry the verdict."""
     verdict = check_vllm_config(vllm_config, opaque_content=opaque_content)
     if not verdict.ok or kv_cache_config is None:
         return verdict
