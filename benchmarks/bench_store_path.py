@@ -29,15 +29,15 @@ from statistics import median
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
-from _report import percentile, save  # noqa: E402
+import torch
 
-from kvconn_plugin.config import parse_config  # noqa: E402
-from kvconn_plugin.metadata import KVConnMetadata, TransferSpec  # noqa: E402
-from kvconn_plugin.parallel import kv_ranks  # noqa: E402
-from kvconn_plugin.worker.adapter import WorkerAdapter  # noqa: E402
-from tests.conftest import LMCacheServer  # noqa: E402
-from tests.helpers.connector_config import server_extra_config  # noqa: E402
+from _report import percentile, save
+from kvconn_plugin.config import parse_config
+from kvconn_plugin.metadata import KVConnMetadata, TransferSpec
+from kvconn_plugin.parallel import kv_ranks
+from kvconn_plugin.worker.adapter import WorkerAdapter
+from tests.conftest import LMCacheServer
+from tests.helpers.connector_config import server_extra_config
 
 CHUNK, BLOCK = 256, 16
 LAYERS, HEADS, HEAD = 8, 8, 64  # the "bench" preset's per-token KV: 16 KiB per token

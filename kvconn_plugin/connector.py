@@ -19,7 +19,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 
 from kvconn_plugin.config import parse_config
+from kvconn_plugin.disabled import DisabledScheduler, DisabledWorker
 from kvconn_plugin.errors import KVConnConfigError
+from kvconn_plugin.kv_formats import FormatVerdict, check_kv_cache_config
 from kvconn_plugin.kv_groups import describe_groups
 from kvconn_plugin.logs import attach_to_vllm_logging
 from kvconn_plugin.metadata import KVConnMetadata
@@ -67,9 +69,23 @@ class KVConnPluginConnector(KVConnectorBase_V1, SupportsHMA):
         groups = describe_groups(kv_cache_config)
         model_name = groups.model_name(config.model_name or str(model.model))
         block_size = int(vllm_config.cache_config.block_size)
-        self._scheduler: SchedulerAdapter | None = None
-        self._worker: WorkerAdapter | None = None
-        if role == KVConnectorRole.SCHEDULER:
+        self._scheduler: SchedulerAdapter | DisabledScheduler | None = None
+        self._worker: WorkerAdapter | DisabledWorker | None = None
+        try:
+            fmt = check_kv_cache_config(vllm_config, kv_cache_config)
+        except Exception:  # a bug in the check must not cost the engine; workers check again
+            logger.exception("kvconn: the KV format check failed; continuing without it")
+            fmt = FormatVerdict()
+        if not fmt.ok:
+            # One warning per engine (the scheduler's); workers say it at INFO.
+            level = logging.WARNING if role == KVConnectorRole.SCHEDULER else logging.INFO
+            logger.log(level, "kvconn: cannot move this KV cache (%s); serving without the "
+                       "KV cache", fmt.reason)
+            if role == KVConnectorRole.SCHEDULER:
+                self._scheduler = DisabledScheduler(fmt.reason or "")
+            else:
+                self._worker = DisabledWorker(fmt.reason or "")
+        elif role == KVConnectorRole.SCHEDULER:
             if config.load_failure_policy == "recompute":
                 # A failed load must mean "recompute", not a failed request. vLLM reads
                 # this right after building the scheduler connector.
@@ -89,12 +105,12 @@ class KVConnPluginConnector(KVConnectorBase_V1, SupportsHMA):
 
     # ------------------------------------------------------------------ role access
 
-    def _sched(self) -> SchedulerAdapter:
+    def _sched(self) -> SchedulerAdapter | DisabledScheduler:
         if self._scheduler is None:
             raise RuntimeError("scheduler-side hook called on a worker-side connector")
         return self._scheduler
 
-    def _work(self) -> WorkerAdapter:
+    def _work(self) -> WorkerAdapter | DisabledWorker:
         if self._worker is None:
             raise RuntimeError("worker-side hook called on a scheduler-side connector")
         return self._worker
@@ -114,6 +130,20 @@ class KVConnPluginConnector(KVConnectorBase_V1, SupportsHMA):
         super().bind_connector_metadata(connector_metadata)
         if isinstance(connector_metadata, KVConnMetadata):
             self._work().start_transfers(connector_metadata)
+
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config: Any) -> bool:
+        # vLLM's sleep keeps the KV tensors' virtual addresses (it unmaps and re-maps the
+        # physical pages); workers stop copying while asleep and re-check the views on wake.
+        return True
+
+    def unregister_kv_caches(self) -> None:
+        if self._worker is not None:
+            self._worker.unregister_kv_caches()
+
+    def restore_kv_caches(self) -> None:
+        if self._worker is not None:
+            self._worker.restore_kv_caches()
 
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = self._bound_meta()
@@ -191,6 +221,13 @@ class KVConnPluginConnector(KVConnectorBase_V1, SupportsHMA):
     ) -> tuple[bool, dict[str, Any] | None]:
         """vLLM calls this instead of ``request_finished`` (we are ``SupportsHMA``)."""
         return self._sched().request_finished(request, block_ids)
+
+    def reset_cache(self) -> bool | None:
+        """vLLM's reset_prefix_cache(reset_connector=True), sleep, weight updates: whatever
+        the server holds was computed with the old weights, so clear it."""
+        if self._scheduler is None:
+            return None
+        return self._scheduler.reset_cache()
 
     # ------------------------------------------------------------------ both / class level
 

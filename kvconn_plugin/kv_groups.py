@@ -43,6 +43,11 @@ class KVGroups:
     def hybrid(self) -> bool:
         return len(self.groups) > 1
 
+    @property
+    def windowed(self) -> bool:
+        """A sliding-window group exists: vLLM hands it the null block outside the window."""
+        return any(g.kind == SLIDING for g in self.groups)
+
     def model_name(self, base: str) -> str:
         return base + HYBRID_NAMESPACE if self.hybrid else base
 

@@ -190,9 +190,9 @@ class LMCacheClient:
     # or a waiting request is behind each of them, and a reservation or read lock taken on a
     # server that came back in between would belong to its previous incarnation anyway.
 
-    def _transfer(self, op: Op, *args: object) -> ReplyFuture:
+    def _transfer(self, op: Op, *args: object, wait_for_peer: bool = False) -> ReplyFuture:
         return self.transport.submit(op, *args, timeout=self.transfer_timeout,
-                                     wait_for_peer=False)
+                                     wait_for_peer=wait_for_peer)
 
     def prepare_store_async(self, key: CacheKey, instance_id: int) -> ReplyFuture:
         return self._transfer(Op.PREPARE_STORE, key, instance_id)
@@ -206,18 +206,20 @@ class LMCacheClient:
     def commit_retrieve_async(self, key: CacheKey, instance_id: int) -> ReplyFuture:
         return self._transfer(Op.COMMIT_RETRIEVE, key, instance_id)
 
+    # Blocking forms (tools, tests, benchmarks): like every blocking call, they wait for a
+    # connection until their deadline.
+
+    def _blocking(self, op: Op, *args: object) -> object:
+        return wait(self._transfer(op, *args, wait_for_peer=True), op, self.transfer_timeout)
+
     def prepare_store(self, key: CacheKey, instance_id: int) -> PrepareStoreReply:
-        return wait(self.prepare_store_async(key, instance_id), Op.PREPARE_STORE,
-                    self.transfer_timeout)
+        return self._blocking(Op.PREPARE_STORE, key, instance_id)  # type: ignore[return-value]
 
     def commit_store(self, key: CacheKey, instance_id: int, data: bytes = b"") -> bool:
-        return bool(wait(self.commit_store_async(key, instance_id, data), Op.COMMIT_STORE,
-                         self.transfer_timeout))
+        return bool(self._blocking(Op.COMMIT_STORE, key, instance_id, data))
 
     def prepare_retrieve(self, key: CacheKey, instance_id: int) -> PrepareRetrieveReply:
-        return wait(self.prepare_retrieve_async(key, instance_id), Op.PREPARE_RETRIEVE,
-                    self.transfer_timeout)
+        return self._blocking(Op.PREPARE_RETRIEVE, key, instance_id)  # type: ignore[return-value]
 
     def commit_retrieve(self, key: CacheKey, instance_id: int) -> bool:
-        return bool(wait(self.commit_retrieve_async(key, instance_id), Op.COMMIT_RETRIEVE,
-                         self.transfer_timeout))
+        return bool(self._blocking(Op.COMMIT_RETRIEVE, key, instance_id))

@@ -332,7 +332,7 @@ class SchedulerAdapter:
         if groups is None:
             tr.store_countdown = 0
             return None
-        if len(groups) > 1 and any(NULL_BLOCK_ID in g for g in groups):
+        if self.groups.windowed and any(NULL_BLOCK_ID in g for g in groups):
             # A sliding window already left these chunks behind (a chunk larger than the
             # window, or a store delayed by an outage): their objects cannot be whole, and
             # lookups stop at the first missing chunk, so this request stores no more.
@@ -452,6 +452,18 @@ class SchedulerAdapter:
                 del self._closing[key]  # given up: the server's lock TTL frees the rest
                 if final:
                     self._end_session(tr)
+
+    def reset_cache(self) -> bool:
+        """Ask the server to drop what it holds (not objects locked by a transfer in flight);
+        False when it does not answer. Lookups already answered keep their result: vLLM
+        resets only with no request running."""
+        try:
+            self.client.clear(False)
+        except KVConnError as exc:
+            logger.warning("kvconn: LMCache server at %s did not clear its cache (%s)",
+                           self.client.url, exc)
+            return False
+        return True
 
     def get_stats(self) -> KVConnStats | None:
         return self.stats.take()

@@ -20,6 +20,7 @@ from kvconn_plugin.client.api import LMCacheClient
 from kvconn_plugin.client.reply_future import ReplyFuture
 from kvconn_plugin.config import KVConnConfig
 from kvconn_plugin.errors import KVConnError, KVConnTransferError
+from kvconn_plugin.kv_formats import check_kv_caches
 from kvconn_plugin.kv_groups import SINGLE, KVGroups
 from kvconn_plugin.metadata import KVConnMetadata, TransferSpec
 from kvconn_plugin.parallel import KVRanks
@@ -87,6 +88,8 @@ class WorkerAdapter:
         # Metadata whose transfers were started, and the stores it began.
         self._started: KVConnMetadata | None = None
         self._begun: list[PendingStore] = []
+        self._kv_caches: dict[str, torch.Tensor] = {}
+        self._asleep: Any = None  # the stand-in copier while vLLM sleeps
 
     # ------------------------------------------------------------------ start-up
 
@@ -95,11 +98,21 @@ class WorkerAdapter:
         from kvconn_plugin import ops
         from kvconn_plugin.server.autostart import maybe_autostart
 
-        if self.groups.unsupported:
-            logger.warning("kvconn: the KV cache is off for this model: %s",
-                           self.groups.unsupported)
+        try:
+            if self.groups.unsupported:
+                raise KVConnTransferError(self.groups.unsupported)
+            fmt = check_kv_caches(kv_caches, head_size=self.head_size,
+                                  use_mla=self.kv_split == "mla")
+            if not fmt.ok:
+                raise KVConnTransferError(fmt.reason or "")
+            copier = self._bind(kv_caches)
+        except Exception as exc:  # KVConnTransferError, or a bug in the checks themselves
+            # A cache we cannot move costs the cache, not the engine: loads then fail
+            # (vLLM recomputes) and stores are skipped.
+            logger.warning("kvconn: worker %d cannot move this KV cache (%s); serving without "
+                           "the KV cache", self.ranks.worker_id, exc)
             return
-        copier = self._copier(kv_caches)
+        self._kv_caches = dict(kv_caches)
         url = self.config.server_urls[self.ranks.server_index]
         try:
             self._autostarted = maybe_autostart(self.config, url, rank=self.ranks.worker_id)
@@ -113,6 +126,7 @@ class WorkerAdapter:
             model_name=self.model_name,
             ranks=self.ranks,
             copier=copier,
+            windowed=self.groups.windowed,
             manager_block_size=self.block_size,
             dtype_name=str(next(iter(kv_caches.values())).dtype).removeprefix("torch."),
             stats=self.stats,
@@ -129,8 +143,9 @@ class WorkerAdapter:
             copier.num_layers, self.groups.describe(),
         )
 
-    def _copier(self, kv_caches: dict[str, torch.Tensor]) -> ChunkCopier:
-        """One transfer per KV cache group over its layers, in object order."""
+    def _bind(self, kv_caches: dict[str, torch.Tensor]) -> ChunkCopier:
+        """One transfer per KV cache group over its layers, in object order (registration
+        and wake-up: every layer's geometry and pointers are checked here)."""
         from kvconn_plugin import ops
 
         if not self.groups.groups:
@@ -147,6 +162,22 @@ class WorkerAdapter:
             parts.append(GroupCopy(ops.KVTransfer(layout, views), first, len(views)))
             first += len(views)
         return ChunkCopier(parts)
+
+    def unregister_kv_caches(self) -> None:
+        """vLLM sleep: stop touching the KV memory before it is unmapped (idempotent)."""
+        from kvconn_plugin.worker import sleep
+
+        if self.session is not None and self._asleep is None:
+            self._asleep = sleep.suspend(self.session, self._kv_caches)
+
+    def restore_kv_caches(self) -> None:
+        """vLLM wake-up: bind the KV views again, every pointer re-checked (idempotent)."""
+        from kvconn_plugin.worker import sleep
+
+        stub, self._asleep = self._asleep, None
+        if self.session is not None and stub is not None and not sleep.resume(
+                self.session, stub, self._kv_caches, self._bind):
+            self._asleep = stub  # stays refusing: the cache is off on this worker
 
     # ------------------------------------------------------------------ per step
 

@@ -66,6 +66,7 @@ class ServerSession:
         model_name: str,
         ranks: KVRanks,
         copier: ChunkCopier,
+        windowed: bool = False,
         manager_block_size: int,
         dtype_name: str,
         stats: KVConnStats,
@@ -76,6 +77,7 @@ class ServerSession:
         self.ranks = ranks
         self.copier = copier
         self.layout = copier.layout
+        self.windowed = windowed
         self.dtype_name = dtype_name
         self.stats = stats
         self.instance_id = new_instance_id()
@@ -180,6 +182,13 @@ class ServerSession:
             raise KVConnProtocolError(f"unsupported KV dtype {self.dtype_name}")
         return size
 
+    def swap_copier(self, copier: Any) -> Any:
+        """Replace the copier between two copies (vLLM sleep mode); returns the old one.
+        Every copy runs under ``xfer_lock`` and waits for its own completion there."""
+        with self.xfer_lock:
+            old, self.copier = self.copier, copier
+        return old
+
     # ------------------------------------------------------------------ heartbeat
 
     def _heartbeat(self) -> None:
@@ -229,11 +238,12 @@ class ServerSession:
             raise KVConnProtocolError(
                 f"{len(groups)} block lists for {len(self.copier.parts)} KV cache groups")
         r = self.block_ratio
-        hybrid = len(groups) > 1  # only a hybrid's sliding windows hand out the null block
-        if hybrid and store and any(NULL_BLOCK_ID in g for g in groups):
+        # Only sliding windows hand out vLLM's null block (elsewhere block 0 is a block).
+        windowed = self.windowed
+        if windowed and store and any(NULL_BLOCK_ID in g for g in groups):
             raise KVConnProtocolError("a store over vLLM's null block (outside a window)")
         # Leading null blocks are a sliding window's skipped prefix: never copied.
-        skips = tuple(r * max(spec.skip_blocks, leading_nulls(g) if hybrid else 0)
+        skips = tuple(r * max(spec.skip_blocks, leading_nulls(g) if windowed else 0)
                       for g in groups)
         blocks = tuple(list(g) if r == 1 else [b * r + i for b in g for i in range(r)]
                        for g in groups)
