@@ -167,6 +167,7 @@ class FaultProxy:
         self.log: list[dict[str, Any]] = []
         self.stats = {"connections": 0, "messages": {C2S: 0, S2C: 0}, "commands": 0,
                       "upstream_refused": 0}
+        self.op_counts: dict[str, int] = {}  # "c2s:LOOKUP" -> messages since arm
         self._conns: dict[int, _Conn] = {}
         self._ids = itertools.count(1)
         self._armed: list[_Armed] = []
@@ -296,6 +297,7 @@ class FaultProxy:
     def _arm_now(self, faults: list[Fault]) -> None:
         self._heal_now()
         self.log = []
+        self.op_counts = {}
         self._t0 = time.monotonic()
         self._armed = [_Armed(f, i) for i, f in enumerate(faults)]
         for a in self._armed:
@@ -320,7 +322,7 @@ class FaultProxy:
                 h.cancel()
             self._run_hook(undo, "undo")
         self._undos.clear()
-        self._record("healed")
+        self._record("healed", op_counts=dict(self.op_counts))
         return list(self.log)
 
     def _fire_timed(self, a: _Armed) -> None:
@@ -529,6 +531,9 @@ class FaultProxy:
     def _on_message(self, conn: _Conn, d: str, frames: list[bytes], bodies: list[bytes]) -> None:
         op = _op_name(bodies[1]) if len(bodies) >= 2 else "?"
         uid = _uid(bodies[0]) if bodies else None
+        key = f"{d}:{op}"
+        if key in self.op_counts or len(self.op_counts) < 256:
+            self.op_counts[key] = self.op_counts.get(key, 0) + 1
         data = b"".join(frames)
         forward = True
         after: list[_Armed] = []
