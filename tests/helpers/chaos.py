@@ -63,10 +63,9 @@ class _EngineChild:
         spec_path = workdir / "spec.json"
         spec_path.write_text(json.dumps(spec))
         r, w = os.pipe()
-        # An empty VLLM_CPU_KVCACHE_SPACE lets kv_cache_memory_bytes size the cache (the
-        # variable, when set, overrides it in whole GiB).
-        env = child_env({"CHAOS_REPLY_FD": str(w), "VLLM_CPU_KVCACHE_SPACE": "",
-                         "VLLM_LOGGING_LEVEL": "INFO"})
+        env = child_env({"CHAOS_REPLY_FD": str(w), "VLLM_LOGGING_LEVEL": "INFO"})
+        # When set, VLLM_CPU_KVCACHE_SPACE (whole GiB) overrides kv_cache_memory_bytes.
+        env.pop("VLLM_CPU_KVCACHE_SPACE", None)
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in close()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.helpers.chaos_child", str(spec_path)],
@@ -78,7 +77,11 @@ class _EngineChild:
         self._cv = threading.Condition()
         self._reader = threading.Thread(target=self._read, name="chaos-replies", daemon=True)
         self._reader.start()
-        self.pid = self.request(None, start_timeout)["pid"]
+        try:
+            self.pid = self.request(None, start_timeout)["pid"]
+        except BaseException:
+            self.close()
+            raise
 
     def _read(self) -> None:
         for line in self._replies:
@@ -147,13 +150,17 @@ class ChaosRig:
         self.proxy = FaultProxy((self.server.host, self.server.port)).start()
         self._restarter: threading.Thread | None = None
         self._restarting = threading.Event()
-        self.model = write_tiny_llama(
-            Path(os.environ.get("KVCONN_TEST_MODEL_CACHE", tempfile.gettempdir()))
-            / "kvconn-tiny-llama-small", **PRESETS["small"])
         self.engine: _EngineChild | None = None
         self.baseline: dict[tuple[int, ...], list[int]] = {}
         self.engine_starts = 0
-        self.start_engine()
+        try:
+            self.model = write_tiny_llama(
+                Path(os.environ.get("KVCONN_TEST_MODEL_CACHE", tempfile.gettempdir()))
+                / "kvconn-tiny-llama-small", **PRESETS["small"])
+            self.start_engine()
+        except BaseException:
+            self.close()
+            raise
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -172,10 +179,20 @@ class ChaosRig:
 
     def start_engine(self) -> None:
         t0 = time.monotonic()
-        self.engine = _EngineChild(self.spec(), self.workdir, self.cfg.engine_start_s)
+        try:
+            self.engine = _EngineChild(self.spec(), self.workdir, self.cfg.engine_start_s)
+        except EngineGone as exc:
+            tail = "\n".join(self.log_tail().splitlines()[-40:])
+            raise EngineGone(f"{exc}; engine log tail:\n{tail}") from None
         self.engine_starts += 1
         self.engine_start_s = time.monotonic() - t0
         self.baseline_snapshot = self.resources()
+
+    def log_tail(self) -> str:
+        try:
+            return (self.workdir / "engine.log").read_text(errors="replace")[-8000:]
+        except OSError:
+            return "(no engine log)"
 
     def close(self) -> None:
         if self._restarter is not None:
@@ -328,7 +345,7 @@ class ChaosRig:
                         "canary": False}, cfg.bound_s + 60)
         engine.request({"cmd": "reset_prefix_cache"}, 30)
         log_offset = engine.log_offset()
-        self.proxy.arm(self.proxy_faults(plan.faults))
+        self.proxy.arm(self.proxy_faults(plan.faults), seed=plan.seed)
         t_ep = time.monotonic()
         try:
             out = engine.request({"cmd": "episode", "requests": plan.requests,

@@ -262,9 +262,10 @@ class FaultProxy:
 
     # ------------------------------------------------------------------ control (any thread)
 
-    def arm(self, faults: list[Fault]) -> None:
-        """Replace the fault set (after healing the old one); counts and time start now."""
-        self._call(lambda: self._arm_now(faults))
+    def arm(self, faults: list[Fault], seed: int | None = None) -> None:
+        """Replace the fault set (after healing the old one); counts and time start now.
+        ``seed`` reseeds the reorder permutations."""
+        self._call(lambda: self._arm_now(faults, seed))
 
     def heal(self) -> list[dict[str, Any]]:
         """Back to pass-through: disarm, release held messages, thaw, run pending undos.
@@ -294,8 +295,10 @@ class FaultProxy:
         if len(self.log) < 10000:  # bounded: a runaway fault must not eat memory
             self.log.append(entry)
 
-    def _arm_now(self, faults: list[Fault]) -> None:
+    def _arm_now(self, faults: list[Fault], seed: int | None = None) -> None:
         self._heal_now()
+        if seed is not None:
+            self.rng.seed(seed)
         self.log = []
         self.op_counts = {}
         self._t0 = time.monotonic()
@@ -387,6 +390,12 @@ class FaultProxy:
     # ------------------------------------------------------------------ connections
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Cancelled at shutdown: end quietly (asyncio's server logs a cancelled handler).
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._serve_conn(reader, writer)
+
+    async def _serve_conn(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
         conn = _Conn(next(self._ids), writer)
         self._conns[conn.id] = conn
         self.stats["connections"] += 1

@@ -265,6 +265,7 @@ def test_sigstop_hook_with_undo_and_heal_runs_pending_undos(lmcache_server_facto
                      action=lambda: os.killpg(pid, signal.SIGSTOP),
                      undo=lambda: os.killpg(pid, signal.SIGCONT))])
         _wait(lambda: _events(p.snapshot_log(), "hook_ran"), 5, "SIGSTOP")
+        _wait(lambda: _state(pid) == "T", 10, "the server stopped")
         with pytest.raises(KVConnTimeout):
             c.ping(None, timeout=0.5)
         log = p.heal()  # runs the SIGCONT long before its 60 s
@@ -309,6 +310,11 @@ def _ping_ok(client: LMCacheClient) -> bool:
         return client.ping(None, timeout=1.0)
     except Exception:
         return False
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rpartition(")")[2].split()[0]
 
 
 def _recv_at_least(s: socket.socket, n: int) -> bytes:
