@@ -42,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--connector-config", type=json.loads, default={},
                     help="extra kv_connector_extra_config entries (JSON)")
     ap.add_argument("--dtype", default="bfloat16", help="engine dtype")
+    ap.add_argument("--tie-margin", type=float, default=ChaosConfig.tie_margin,
+                    help="baseline top-1/top-2 logprob margin below which a changed token "
+                    "counts as a numerical near-tie (0: every changed token is a failure)")
     ap.add_argument("--control", action="store_true", help="run each plan's requests on "
                     "the no-connector engine without faults instead (checks the checker)")
     ns = ap.parse_args(argv)
@@ -49,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     kinds = [k for k in ns.kinds.split(",") if k] or None
     workdir = Path(tempfile.mkdtemp(prefix="kvconn-chaos-"))
-    cfg = ChaosConfig(bound_s=ns.bound, dtype=ns.dtype,
+    cfg = ChaosConfig(bound_s=ns.bound, dtype=ns.dtype, tie_margin=ns.tie_margin,
                       extra_connector_config=ns.connector_config)
     t0 = time.monotonic()
     rig = ChaosRig(lambda: LMCacheServer(log_dir=workdir).start(), workdir, cfg)
@@ -66,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
                   f" stall={rec.get('stall_s', 0):.2f}s pre={rec.get('preemptions', 0)}"
                   f" t={rec['total_s']:.0f}s: {fails}",
                   flush=True)
+            for t in rec.get("near_ties", []):
+                print(f"    near tie (not a failure): {t}", flush=True)
             for f in rec["failures"]:
                 print(f"    {f['type']}: {f.get('request', '')} {str(f['detail'])[:300]}",
                       flush=True)

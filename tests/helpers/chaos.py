@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -27,6 +28,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from kvconn_plugin.tools.procgroup import group_members, stop_process_group
 from kvconn_plugin.tools.tiny_model import PRESETS, write_tiny_llama
@@ -50,6 +53,9 @@ class ChaosConfig:
     lock_wait_s: float = 40.0        # > the scheduler's 30 s drain of unknown lookups
     engine_start_s: float = 420.0
     dtype: str = "bfloat16"
+    # A token that differs where the baseline's top-1/top-2 logprob margin is below this
+    # counts as a numerical near-tie, not a changed token (see _check_requests).
+    tie_margin: float = 0.05
     extra_connector_config: dict[str, Any] = field(default_factory=dict)
 
 
@@ -148,8 +154,15 @@ class ChaosRig:
         self.workdir = Path(workdir)
         self.server = server_factory()
         self.proxy = FaultProxy((self.server.host, self.server.port)).start()
-        self._restarter: threading.Thread | None = None
-        self._restarting = threading.Event()
+        # Restarts mid-episode run on one long-lived thread: the server is started with a
+        # parent-death signal, which Linux sends when the *thread* that forked it ends.
+        self._restart_q: queue.Queue[bool] = queue.Queue()
+        self._restart_idle = threading.Event()
+        self._restart_idle.set()
+        self.restart_errors: list[str] = []
+        self._restarter = threading.Thread(target=self._restart_loop, name="chaos-restart",
+                                           daemon=True)
+        self._restarter.start()
         self.engine: _EngineChild | None = None
         self.baseline: dict[tuple[int, ...], list[int]] = {}
         self.engine_starts = 0
@@ -195,8 +208,9 @@ class ChaosRig:
             return "(no engine log)"
 
     def close(self) -> None:
-        if self._restarter is not None:
-            self._restarter.join(timeout=60)
+        self._restart_idle.wait(120)
+        self._restart_q.put(False)
+        self._restarter.join(timeout=10)
         if self.engine is not None:
             self.engine.close()
             self.engine = None
@@ -214,21 +228,22 @@ class ChaosRig:
         if pid is not None:
             os.killpg(pid, sig)
 
-    def _restart_in_background(self) -> None:
-        self._signal(signal.SIGKILL)
-        if self._restarting.is_set():
-            return
-        self._restarting.set()
-
-        def run() -> None:
+    def _restart_loop(self) -> None:
+        while self._restart_q.get():
             try:
                 self.server.kill()
                 self.server.restart()
+            except Exception as exc:  # heal() starts it again
+                self.restart_errors.append(repr(exc))
             finally:
-                self._restarting.clear()
+                self._restart_idle.set()
 
-        self._restarter = threading.Thread(target=run, name="chaos-restart", daemon=True)
-        self._restarter.start()
+    def _restart_in_background(self) -> None:
+        """kill -9 now, start again on the same port meanwhile (called on the proxy loop)."""
+        self._signal(signal.SIGKILL)
+        if self._restart_idle.is_set():
+            self._restart_idle.clear()
+            self._restart_q.put(True)
 
     def proxy_faults(self, specs: list[dict[str, Any]]) -> list[Fault]:
         out = []
@@ -251,9 +266,7 @@ class ChaosRig:
 
     def heal(self) -> list[dict[str, Any]]:
         log = self.proxy.heal()
-        if self._restarter is not None:
-            self._restarter.join(timeout=120)
-            self._restarter = None
+        self._restart_idle.wait(120)
         proc = self.server.process
         if proc is None or proc.poll() is not None:
             self.server.kill()      # reap the group, unlink the old pool
@@ -270,7 +283,7 @@ class ChaosRig:
     def lock_counts(self) -> tuple[int, int] | None:
         try:
             return server_lock_counts(self.server)
-        except Exception:
+        except (Exception, pytest.skip.Exception):  # no answer (yet), or no lock counts
             return None
 
     def wait_locks_free(self) -> tuple[tuple[int, int] | None, float]:
@@ -310,10 +323,10 @@ class ChaosRig:
                if tuple(p) not in self.baseline]
         new = list({tuple(p): p for p in new}.values())
         if new:
-            toks = self.engine.request({"cmd": "baseline", "prompts": new,
+            outs = self.engine.request({"cmd": "baseline", "prompts": new,
                                         "max_tokens": self.cfg.max_tokens},
                                        60 + 10 * len(new))["tokens"]
-            self.baseline.update({tuple(p): t for p, t in zip(new, toks, strict=True)})
+            self.baseline.update({tuple(p): o for p, o in zip(new, outs, strict=True)})
 
     def run_control(self, plan: EpisodePlan) -> dict[str, Any]:
         """The plan's requests, concurrently, on the no-connector engine, no faults: how
@@ -399,6 +412,7 @@ class ChaosRig:
         if out.get("canary_error"):
             rec["failures"].append({"type": "failed", "detail": f"canary: {out['canary_error']}"})
         by_id = {r["id"]: r for r in plan.requests}
+        rec["near_ties"] = []
         for r in reqs:
             want = self.baseline[tuple(by_id[r["id"]]["prompt"])]
             status, got = r["status"], r["tokens"]
@@ -406,16 +420,40 @@ class ChaosRig:
                 rec["failures"].append({"type": "hung", "request": r["id"], "detail":
                                         f"not finished after {cfg.bound_s:.0f}s, "
                                         f"{len(got)} tokens streamed"})
-            elif status == "failed":
+                continue
+            if status == "failed":
                 rec["failures"].append({"type": "failed", "request": r["id"],
                                         "detail": r.get("error")})
-            elif status == "finished" and got != want[:by_id[r["id"]]["max_tokens"]]:
-                rec["failures"].append({"type": "changed_tokens", "request": r["id"],
-                                        "detail": f"got {got} want "
-                                        f"{want[:by_id[r['id']]['max_tokens']]}"})
-            elif status == "aborted" and got != want[:len(got)]:
-                rec["failures"].append({"type": "changed_tokens", "request": r["id"],
-                                        "detail": f"(aborted) got {got} want {want[:len(got)]}"})
+                continue
+            if status == "finished" and len(got) != by_id[r["id"]]["max_tokens"]:
+                rec["failures"].append({"type": "changed_tokens", "request": r["id"], "detail":
+                                        f"{len(got)} tokens, asked for "
+                                        f"{by_id[r['id']]['max_tokens']}"})
+                continue
+            at = first_difference(got, want["tokens"])
+            if at is None:
+                continue
+            margin = want["margins"][at] if at < len(want["margins"]) else 1e9
+            if margin < cfg.tie_margin:
+                # The baseline's top two tokens were nearly tied here: another batch
+                # composition flips such a token without any connector (measured with the
+                # connector's store and load off); what follows is no longer comparable.
+                rec["near_ties"].append({"request": r["id"], "at": at,
+                                         "margin": round(margin, 4)})
+                continue
+            rec["failures"].append({"type": "changed_tokens", "request": r["id"], "detail":
+                                    f"{status}, token {at} of {len(got)} differs (baseline "
+                                    f"margin {margin:.3f}): got {got[at:at + 8]} want "
+                                    f"{want['tokens'][at:at + 8]}"})
+
+
+def first_difference(got: list[int], want: list[int]) -> int | None:
+    """Index of the first token of ``got`` that differs from ``want`` (``got`` may be a
+    prefix: an aborted request), or None."""
+    for i, tok in enumerate(got):
+        if i >= len(want) or tok != want[i]:
+            return i
+    return None
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -427,12 +465,13 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             row = table.setdefault(kind, {"runs": 0, "fired": 0, "requests": 0,
                                           "max_latency_s": 0.0, "max_stall_s": 0.0,
                                           "hung": 0, "failed": 0, "changed_tokens": 0,
-                                          "locks_leaked": 0, "engine": 0})
+                                          "locks_leaked": 0, "engine": 0, "near_ties": 0})
             row["runs"] += 1
             row["fired"] += kind in rec.get("fired", []) or kind == "none"
             row["requests"] += rec.get("n_requests", 0)
             row["max_latency_s"] = max(row["max_latency_s"], rec.get("max_latency_s", 0.0))
             row["max_stall_s"] = max(row["max_stall_s"], rec.get("stall_s", 0.0))
+            row["near_ties"] += len(rec.get("near_ties", []))
             for f in rec["failures"]:
                 key = f["type"] if f["type"] in row else "engine"
                 row[key] += 1
@@ -441,7 +480,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def format_table(table: dict[str, dict[str, Any]]) -> str:
     cols = ("runs", "fired", "requests", "max_latency_s", "max_stall_s", "hung", "failed",
-            "changed_tokens", "locks_leaked", "engine")
+            "changed_tokens", "locks_leaked", "engine", "near_ties")
     head = f"{'fault kind':<16}" + "".join(f"{c:>15}" for c in cols)
     lines = [head, "-" * len(head)]
     for kind, row in table.items():

@@ -80,16 +80,22 @@ class Child:
         self.n += 1
         return f"{tag}-{self.n}"
 
-    async def baseline(self, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    async def baseline(self, prompts: list[list[int]], max_tokens: int) -> list[dict]:
+        """Greedy tokens of each prompt alone, with the margin (top-1 minus top-2 logprob)
+        at every position: where it is tiny, batch composition alone can flip the token."""
         from vllm import SamplingParams
 
-        sp = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+        sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, logprobs=2)
 
-        async def one(p: list[int]) -> list[int]:
+        async def one(p: list[int]) -> dict:
             last = None
             async for out in self.base.generate({"prompt_token_ids": p}, sp, self._rid("base")):
                 last = out
-            return list(last.outputs[0].token_ids)
+            margins = []
+            for pos in last.outputs[0].logprobs or []:
+                vals = sorted((lp.logprob for lp in pos.values()), reverse=True)
+                margins.append(vals[0] - vals[1] if len(vals) > 1 else 1e9)
+            return {"tokens": list(last.outputs[0].token_ids), "margins": margins}
 
         # One at a time: a baseline that does not depend on what ran beside it.
         return [await one(p) for p in prompts]
