@@ -44,6 +44,8 @@ def measure(workers: int, burst: int, tokens: int, rounds: int) -> dict[str, flo
         seed_server(server.url, MODEL, ids)
         waits, drains = [], []
         with LMCacheClient(server.url, control_timeout=120) as client:
+            # Async lookups fail fast while no connection is up; a blocking ping waits for it.
+            client.ping(None, timeout=120)
             for r in range(rounds + 1):  # round 0 warms the server up
                 pending = []
                 t0 = time.perf_counter()

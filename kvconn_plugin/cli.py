@@ -40,7 +40,7 @@ def _dist_version(*names: str) -> str | None:
     return None
 
 
-def doctor(extra: dict[str, Any]) -> int:
+def doctor(extra: dict[str, Any], engine_args: dict[str, Any] | None = None) -> int:
     from kvconn_plugin.config import parse_config
 
     rep = Report()
@@ -59,6 +59,7 @@ def doctor(extra: dict[str, Any]) -> int:
         rep.line(FAIL, "config", str(exc))
         return 1
     _check_resolver(rep, extra)
+    _check_kv_format(rep, engine_args)
     _check_kernels(rep)
     _check_server(rep, cfg)
     return 1 if rep.failed else 0
@@ -82,6 +83,30 @@ def _check_resolver(rep: Report, extra: dict[str, Any]) -> None:
         rep.line(OK, "resolver", f"{impl}: would use LMCache's connector ({why})")
     else:
         rep.line(OK, "resolver", f"{impl}: would use KVConnPluginConnector ({why})")
+
+
+def _check_kv_format(rep: Report, engine_args: dict[str, Any] | None) -> None:
+    """The KV cache format, from the engine config the given vLLM engine arguments build."""
+    if engine_args is None:
+        rep.line(OK, "KV format", "not checked (pass --engine-args '{\"model\": ...}' to check "
+                 "the model's KV cache format)")
+        return
+    from kvconn_plugin.kv_formats import check_vllm_config
+
+    try:
+        from vllm.engine.arg_utils import EngineArgs
+
+        vllm_config = EngineArgs(**engine_args).create_engine_config()
+    except Exception as exc:  # vLLM's own validation: report it, the rest still runs
+        rep.line(WARN, "KV format", f"vLLM could not build this engine config: "
+                 f"{type(exc).__name__}: {exc}"[:400])
+        return
+    fmt = check_vllm_config(vllm_config)
+    if fmt.ok:
+        rep.line(OK, "KV format", f"{fmt.name}: movable (workers check the tensors again)")
+    else:
+        rep.line(WARN, "KV format", f"{fmt.reason}; the connector would serve without the KV "
+                 "cache", "drop the setting named above, or serve without the connector")
 
 
 def _check_kernels(rep: Report) -> None:
@@ -144,15 +169,20 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("doctor", help="check that the configured setup can work")
     d.add_argument("--extra-config", default=os.environ.get("KVCONN_EXTRA_CONFIG", "{}"),
                    help="kv_connector_extra_config as JSON (default: $KVCONN_EXTRA_CONFIG)")
+    d.add_argument("--engine-args", default=os.environ.get("KVCONN_ENGINE_ARGS"),
+                   help="vLLM engine arguments as JSON, e.g. '{\"model\": \"M\", "
+                   "\"kv_cache_dtype\": \"fp8\"}': also checks the KV cache format")
     sub.add_parser("build-info", help="print what native code was built and why")
     args = ap.parse_args(argv)
     if args.cmd == "doctor":
         try:
             extra = json.loads(args.extra_config)
+            engine = json.loads(args.engine_args) if args.engine_args else None
         except json.JSONDecodeError as exc:
-            print(f"--extra-config is not JSON: {exc}")
+            print(f"--extra-config / --engine-args is not JSON: {exc}")
             return 2
-        return doctor(extra if isinstance(extra, dict) else {})
+        return doctor(extra if isinstance(extra, dict) else {},
+                      engine if isinstance(engine, dict) else None)
     if args.cmd == "build-info":
         from kvconn_plugin import ops
 

@@ -32,6 +32,7 @@ KVCONN_KEYS = {
     "kvconn.connect_timeout": "seconds (>0): how long start-up waits for a server",
     "kvconn.load_failure_policy": "recompute | fail: what vLLM does when a load fails",
     "kvconn.store": "bool: write new KV to the server",
+    "kvconn.store_staging_mb": "MiB (>=0): memory for chunks copied before their slots were lent",
     "kvconn.load": "bool: read KV hits from the server",
     "kvconn.model_name": "str: cache namespace (default: the model path/name)",
     "kvconn.kv_events_hashes": "vllm | lmcache: block hashes of our KV events (see README)",
@@ -68,6 +69,7 @@ class KVConnConfig:
     connect_timeout: float = 5.0
     load_failure_policy: str = "recompute"
     store: bool = True
+    store_staging_mb: float = 256.0
     load: bool = True
     model_name: str | None = None
     kv_events_hashes: str = "vllm"
@@ -124,6 +126,7 @@ def parse_config(
         connect_timeout=_positive(extra, "kvconn.connect_timeout", 5.0),
         load_failure_policy=policy,
         store=_bool(extra, "kvconn.store", True),
+        store_staging_mb=_non_negative(extra, "kvconn.store_staging_mb", 256.0),
         load=_bool(extra, "kvconn.load", True),
         model_name=_opt_str(extra, "kvconn.model_name"),
         kv_events_hashes=_choice(extra, "kvconn.kv_events_hashes", ("vllm", "lmcache"), "vllm"),
@@ -184,6 +187,17 @@ def _positive(
     if isinstance(val, bool) or not num > 0 or num == float("inf"):
         raise KVConnConfigError(f"{key} must be a positive number of seconds, got {val!r}")
     return min(num, cap) if cap else num
+
+
+def _non_negative(extra: Mapping[str, Any], key: str, default: float) -> float:
+    val = extra.get(key, default)
+    try:
+        num = float(val)
+    except (TypeError, ValueError):
+        num = float("nan")
+    if isinstance(val, bool) or not num >= 0 or num == float("inf"):
+        raise KVConnConfigError(f"{key} must be a number >= 0, got {val!r}")
+    return num
 
 
 def _choice(extra: Mapping[str, Any], key: str, choices: tuple[str, ...], default: str) -> str:

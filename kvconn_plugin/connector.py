@@ -14,10 +14,15 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
+    SupportsHMA,
 )
 
 from kvconn_plugin.config import parse_config
+from kvconn_plugin.disabled import DisabledScheduler, DisabledWorker
 from kvconn_plugin.errors import KVConnConfigError
+from kvconn_plugin.kv_formats import FormatVerdict, check_kv_cache_config
+from kvconn_plugin.kv_groups import KVGroups, describe_groups
 from kvconn_plugin.logs import attach_to_vllm_logging
 from kvconn_plugin.metadata import KVConnMetadata
 from kvconn_plugin.parallel import kv_ranks
@@ -38,7 +43,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class KVConnPluginConnector(KVConnectorBase_V1):
+class KVConnPluginConnector(KVConnectorBase_V1, SupportsHMA):
     """Offloads KV cache to, and reuses it from, an external LMCache MP server.
 
     Args:
@@ -64,13 +69,31 @@ class KVConnPluginConnector(KVConnectorBase_V1):
         model = vllm_config.model_config
         pc = vllm_config.parallel_config
         mla = bool(getattr(model, "use_mla", False))
-        model_name = config.model_name or str(model.model)
+        # SupportsHMA keeps vLLM's hybrid KV cache manager on; kv_groups says whether every
+        # group it creates can be moved (and turns the cache off, not vLLM, when not).
+        groups = describe_groups(kv_cache_config)
+        model_name = groups.model_name(config.model_name or str(model.model))
         block_size = int(vllm_config.cache_config.block_size)
-        self._scheduler: SchedulerAdapter | None = None
-        self._worker: WorkerAdapter | None = None
+        self._scheduler: SchedulerAdapter | DisabledScheduler | None = None
+        self._worker: WorkerAdapter | DisabledWorker | None = None
         self._events: OffloadEvents | None = None
-        events_on = _kv_events_enabled(vllm_config)
-        if role == KVConnectorRole.SCHEDULER:
+        self._acks: StoreAckRecorder | None = None
+        events_on = _kv_events_enabled(vllm_config, groups)
+        try:
+            fmt = check_kv_cache_config(vllm_config, kv_cache_config)
+        except Exception:  # a bug in the check must not cost the engine; workers check again
+            logger.exception("kvconn: the KV format check failed; continuing without it")
+            fmt = FormatVerdict()
+        if not fmt.ok:
+            # One warning per engine (the scheduler's); workers say it at INFO.
+            level = logging.WARNING if role == KVConnectorRole.SCHEDULER else logging.INFO
+            logger.log(level, "kvconn: cannot move this KV cache (%s); serving without the "
+                       "KV cache", fmt.reason)
+            if role == KVConnectorRole.SCHEDULER:
+                self._scheduler = DisabledScheduler(fmt.reason or "")
+            else:
+                self._worker = DisabledWorker(fmt.reason or "")
+        elif role == KVConnectorRole.SCHEDULER:
             if config.load_failure_policy == "recompute":
                 # A failed load must mean "recompute", not a failed request. vLLM reads
                 # this right after building the scheduler connector.
@@ -78,7 +101,7 @@ class KVConnPluginConnector(KVConnectorBase_V1):
             ranks = kv_ranks(mla=mla, world_size=pc.world_size, rank=0,
                              tp_size=pc.tensor_parallel_size)
             self._scheduler = SchedulerAdapter(config, model_name=model_name, ranks=ranks,
-                                               block_size=block_size)
+                                               block_size=block_size, groups=groups)
             if events_on:
                 self._events = OffloadEvents(
                     block_size=block_size,
@@ -95,19 +118,20 @@ class KVConnPluginConnector(KVConnectorBase_V1):
                              tp_size=pc.tensor_parallel_size)
             self._worker = WorkerAdapter(
                 config, model_name=model_name, ranks=ranks, block_size=block_size,
-                use_mla=mla, head_size=int(model.get_head_size()), kv_split=_kv_split(mla),
+                head_size=int(model.get_head_size()), kv_split="mla" if mla else "fused",
+                groups=groups,
             )
             if events_on:
-                self._worker.acks = StoreAckRecorder()
+                self._acks = self._worker.acks = StoreAckRecorder()
 
     # ------------------------------------------------------------------ role access
 
-    def _sched(self) -> SchedulerAdapter:
+    def _sched(self) -> SchedulerAdapter | DisabledScheduler:
         if self._scheduler is None:
             raise RuntimeError("scheduler-side hook called on a worker-side connector")
         return self._scheduler
 
-    def _work(self) -> WorkerAdapter:
+    def _work(self) -> WorkerAdapter | DisabledWorker:
         if self._worker is None:
             raise RuntimeError("worker-side hook called on a scheduler-side connector")
         return self._worker
@@ -121,10 +145,37 @@ class KVConnPluginConnector(KVConnectorBase_V1):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._work().register_kv_caches(kv_caches)
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        """Bind the step's metadata and start its transfers (worker process, before the
+        forward): the network round trips then overlap the forward."""
+        super().bind_connector_metadata(connector_metadata)
+        if isinstance(connector_metadata, KVConnMetadata):
+            self._work().start_transfers(connector_metadata)
+
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config: Any) -> bool:
+        # vLLM's sleep keeps the KV tensors' virtual addresses (it unmaps and re-maps the
+        # physical pages); workers stop copying while asleep and re-check the views on wake.
+        return True
+
+    def unregister_kv_caches(self) -> None:
+        if self._worker is not None:
+            self._worker.unregister_kv_caches()
+
+    def restore_kv_caches(self) -> None:
+        if self._worker is not None:
+            self._worker.restore_kv_caches()
+
     def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
         meta = self._bound_meta()
         if meta is not None:
             self._work().start_load_kv(meta)
+
+    def handle_preemptions(self, kv_connector_metadata: Any) -> None:
+        """Nothing to flush (worker process): a store copies its blocks within the
+        ``wait_for_save`` of the step that planned it, before any block can be preempted
+        and reused; its network legs never read vLLM's memory."""
+        return None
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return None  # loads complete before vLLM schedules the request (async loads)
@@ -142,14 +193,21 @@ class KVConnPluginConnector(KVConnectorBase_V1):
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return self._work().get_finished(finished_req_ids)
 
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        """Finished transfers, and (hybrid models) the loads that failed, by request."""
+        sending, recving = self.get_finished(finished_req_ids)
+        recving = set(recving or ())
+        return KVConnectorTransferResults(
+            finished_sending=set(sending or ()), finished_recving=recving,
+            failed_recving=self._work().take_failed_loads(recving))
+
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._work().get_block_ids_with_load_errors()
 
     def get_kv_connector_kv_cache_events(self) -> StoreAckBatch | None:
-        """This step's committed stores, for the scheduler side to announce (see
+        """The stores settled since the last step, for the scheduler side to announce (see
         ``store_acks``); None unless vLLM publishes KV events."""
-        acks = self._work().acks
-        return acks.take() if acks is not None else None
+        return self._acks.take() if self._acks is not None else None
 
     def _bound_meta(self) -> KVConnMetadata | None:
         if not self.has_connector_metadata():
@@ -162,13 +220,7 @@ class KVConnPluginConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(
         self, request: Any, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
-        sched = self._sched()
-        num, is_async = sched.get_num_new_matched_tokens(request, num_computed_tokens)
-        if num is not None:  # the final answer: what cached_token_stats reports
-            bs = sched.block_size
-            sched.controls.note_hits(request, num_computed_tokens // bs * bs,
-                                     sched.lookup_hit_tokens(request.request_id))
-        return num, is_async
+        return self._sched().get_num_new_matched_tokens(request, num_computed_tokens)
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         self._sched().update_state_after_alloc(request, blocks, num_external_tokens)
@@ -198,11 +250,15 @@ class KVConnPluginConnector(KVConnectorBase_V1):
     ) -> tuple[bool, dict[str, Any] | None]:
         """Returns whether vLLM must keep the blocks, and the request's output
         ``kv_transfer_params`` (``cached_token_stats`` when the request asked for them)."""
-        sched = self._sched()
-        hold, _ = sched.request_finished(request, block_ids)
         if self._events is not None:
             self._events.forget(request.request_id)
-        return hold, sched.controls.finish(request)
+        return self._sched().request_finished(request, block_ids)
+
+    def request_finished_all_groups(
+        self, request: Any, block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """vLLM calls this instead of ``request_finished`` (we are ``SupportsHMA``)."""
+        return self.request_finished(request, block_ids)
 
     def take_events(self) -> Iterable[KVCacheEvent]:
         """KV events of the chunks we offloaded or lost since the last step (medium CPU)."""
@@ -211,8 +267,10 @@ class KVConnPluginConnector(KVConnectorBase_V1):
         return self._events.take()
 
     def reset_cache(self) -> bool | None:
-        """Clear the LMCache server (vLLM's reset_prefix_cache with the connector reset);
-        None on the worker side, where there is nothing to reset."""
+        """vLLM's reset_prefix_cache(reset_connector=True), sleep, weight updates: whatever
+        the server holds was computed with the old weights, so clear it (see
+        ``SchedulerAdapter.reset_cache``). None on the worker side, where there is nothing
+        to reset."""
         if self._scheduler is None:
             return None
         ok = self._scheduler.reset_cache()
@@ -249,19 +307,16 @@ class KVConnPluginConnector(KVConnectorBase_V1):
                 adapter.shutdown()
 
 
-def _kv_split(mla: bool) -> str:
-    if mla:
-        return "mla"
-    from vllm.platforms import current_platform
-
-    # vLLM's CPU attention keeps a K plane then a V plane per (block, head); GPU backends
-    # pack K|V per token.
-    return "planes" if current_platform.is_cpu() else "packed"
-
-
-def _kv_events_enabled(vllm_config: Any) -> bool:
+def _kv_events_enabled(vllm_config: Any, groups: KVGroups) -> bool:
     cfg = getattr(vllm_config, "kv_events_config", None)
-    return bool(cfg is not None and getattr(cfg, "enable_kv_cache_events", False))
+    if cfg is None or not getattr(cfg, "enable_kv_cache_events", False):
+        return False
+    if groups.hybrid:
+        # Our objects hold every group of a chunk; vLLM's events are per group. Until that
+        # mapping is tested, hybrid models publish vLLM's own GPU events only.
+        logger.info("kvconn: no KV events for offloaded chunks of a hybrid model")
+        return False
+    return True
 
 
 def _global_rank(pc: Any) -> int:

@@ -24,6 +24,12 @@ class TransferSpec:
     block_ids: tuple[int, ...]
     cache_salt: str = ""
     skip_blocks: int = 0
+    # Block ids of the other KV cache groups of a hybrid model, as long as ``block_ids``
+    # (a sliding-window group's skipped prefix is vLLM's null block, 0).
+    other_groups: tuple[tuple[int, ...], ...] = ()
+
+    def group_block_ids(self) -> tuple[tuple[int, ...], ...]:
+        return (self.block_ids, *self.other_groups)
 
 
 @dataclass

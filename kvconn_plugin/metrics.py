@@ -26,6 +26,7 @@ _DOCS = {
     "store_seconds": "Seconds spent storing",
     "load_failures": "Loads that failed (vLLM recomputed them)",
     "store_failures": "Stores that were dropped",
+    "stores_staged": "Stores copied into staging because the server had not lent slots yet",
     "server_errors": "Failed or timed-out server calls",
 }
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)

@@ -25,6 +25,7 @@ COUNTERS = (
     "store_seconds",
     "load_failures",
     "store_failures",
+    "stores_staged",
     "server_errors",
 )
 FLAGS = ("degraded",)

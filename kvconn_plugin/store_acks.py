@@ -1,12 +1,15 @@
-"""Store confirmations from the workers to the scheduler, riding vLLM's KV-event channel.
+"""Store reports from the workers to the scheduler, riding vLLM's KV-event channel.
 
 A chunk may be announced to cache-aware routers only once every writing worker committed
-it. Workers record each committed store as ``(request_id, start, end)`` and hand the batch
-to vLLM through ``get_kv_connector_kv_cache_events``; vLLM merges the workers' batches
-(``KVOutputAggregator``) and passes them to the scheduler-side connector in
-``update_connector_output``, where :class:`kvconn_plugin.scheduler.events.OffloadEvents`
-counts them. Nothing here is published by vLLM itself: the scheduler side turns complete
-confirmations into ``BlockStored`` events.
+it. Each store a worker begins is reported once, when it settles (``store_pipeline``), as
+``(request_id, start, end, committed)``: ``committed`` holds the chunk indices (relative to
+``start``) whose COMMIT_STORE the server confirmed; it is empty for a dropped store. Chunks
+the server left out of its PREPARE_STORE reply (already cached, or no room) are not in it.
+Workers hand the step's reports to vLLM through ``get_kv_connector_kv_cache_events``; vLLM
+merges the workers' batches (``KVOutputAggregator``) and passes them to the scheduler-side
+connector in ``update_connector_output``, where
+:class:`kvconn_plugin.scheduler.events.OffloadEvents` counts them. Nothing here is published
+by vLLM itself: the scheduler side turns complete reports into ``BlockStored`` events.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from vllm.distributed.kv_events import KVConnectorKVEvents
 
 from kvconn_plugin.metadata import TransferSpec
 
-StoreAck = tuple[str, int, int]  # (request_id, start, end) of one committed TransferSpec
+# (request_id, start, end, committed chunk indices) of one settled TransferSpec
+StoreAck = tuple[str, int, int, tuple[int, ...]]
 
 
 class StoreAckBatch(KVConnectorKVEvents):
@@ -51,16 +55,16 @@ class StoreAckBatch(KVConnectorKVEvents):
 
 
 class StoreAckRecorder:
-    """Worker side: stores committed since the last step (thread-safe; stores may finish on
-    a background thread)."""
+    """Worker side: stores settled since the last step (thread-safe; stores settle on the
+    I/O and "kvconn-store" threads)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._acks: list[StoreAck] = []
 
-    def record(self, spec: TransferSpec) -> None:
+    def record(self, spec: TransferSpec, committed: tuple[int, ...]) -> None:
         with self._lock:
-            self._acks.append((spec.request_id, spec.start, spec.end))
+            self._acks.append((spec.request_id, spec.start, spec.end, tuple(committed)))
 
     def take(self) -> StoreAckBatch | None:
         with self._lock:

@@ -194,6 +194,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def _lmcache_command() -> list[str] | None:
+    # The vLLM 0.33 job runs in an environment without lmcache; it names the main
+    # environment's executable here.
+    override = os.environ.get("KVCONN_TEST_LMCACHE_BIN")
+    if override:
+        if not os.access(override, os.X_OK):
+            raise RuntimeError(f"KVCONN_TEST_LMCACHE_BIN={override} is not an executable")
+        return [override, "server"]
     script = Path(sys.executable).with_name("lmcache")
     if script.exists():
         return [str(script), "server"]

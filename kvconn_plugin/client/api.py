@@ -50,8 +50,10 @@ class LMCacheClient:
         transfer_timeout: float = DEFAULT_TRANSFER_TIMEOUT,
         transport: MQTransport | None = None,
         defer_wake: bool = False,
+        heartbeat: float | None = 10.0,
     ):
-        self.transport = transport or MQTransport(url, timeout=control_timeout)
+        self.transport = transport or MQTransport(url, timeout=control_timeout,
+                                                  heartbeat=heartbeat)
         self.url = self.transport.url
         self.control_timeout = control_timeout
         self.transfer_timeout = transfer_timeout
@@ -105,15 +107,19 @@ class LMCacheClient:
     # ------------------------------------------------------------------ scheduler side
 
     def lookup_async(
-        self, key: CacheKey, tp_size: int = 1, timeout: float | None = None
+        self, key: CacheKey, tp_size: int = 1, timeout: float | None = None,
+        wait_for_peer: bool = False,
     ) -> ReplyFuture:
-        """Send LOOKUP; the future resolves (to ``None``) when the server acknowledged it."""
+        """Send LOOKUP; the future resolves (to ``None``) when the server acknowledged it.
+
+        By default it fails at once while no connection is up: a request is waiting."""
         return self.transport.submit(
-            Op.LOOKUP, key, tp_size, timeout=timeout or self.control_timeout, wake=self._wake
+            Op.LOOKUP, key, tp_size, timeout=timeout or self.control_timeout, wake=self._wake,
+            wait_for_peer=wait_for_peer,
         )
 
     def query_prefetch_status_async(
-        self, request_id: str, timeout: float | None = None
+        self, request_id: str, timeout: float | None = None, wait_for_peer: bool = False,
     ) -> ReplyFuture:
         """Future of the hit count in chunks, or ``None`` while the server still prefetches.
 
@@ -121,7 +127,7 @@ class LMCacheClient:
         """
         return self.transport.submit(
             Op.QUERY_PREFETCH_STATUS, request_id, timeout=timeout or self.control_timeout,
-            wake=self._wake,
+            wake=self._wake, wait_for_peer=wait_for_peer,
         )
 
     def free_lookup_locks_async(self, key: CacheKey, tp_size: int = 1) -> ReplyFuture:
@@ -152,12 +158,13 @@ class LMCacheClient:
         """
         budget = timeout or self.control_timeout
         deadline = time.monotonic() + budget
-        wait(self.lookup_async(key, timeout=budget), Op.LOOKUP, budget)
+        wait(self.lookup_async(key, timeout=budget, wait_for_peer=True), Op.LOOKUP, budget)
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise KVConnTimeout(f"lookup of {key.request_id} still prefetching after {budget}s")
-            hit = wait(self.query_prefetch_status_async(key.request_id, timeout=left),
+            hit = wait(self.query_prefetch_status_async(key.request_id, timeout=left,
+                                                        wait_for_peer=True),
                        Op.QUERY_PREFETCH_STATUS, left)
             if hit is not None:
                 return int(hit)
@@ -179,16 +186,40 @@ class LMCacheClient:
     def unregister_engine_driven(self, instance_id: int, timeout: float | None = None) -> None:
         self._call(Op.UNREGISTER_ENGINE_DRIVEN, instance_id, timeout=timeout)
 
+    # Transfers fail at once while no connection is up (``wait_for_peer=False``): the engine
+    # or a waiting request is behind each of them, and a reservation or read lock taken on a
+    # server that came back in between would belong to its previous incarnation anyway.
+
+    def _transfer(self, op: Op, *args: object, wait_for_peer: bool = False) -> ReplyFuture:
+        return self.transport.submit(op, *args, timeout=self.transfer_timeout,
+                                     wait_for_peer=wait_for_peer)
+
+    def prepare_store_async(self, key: CacheKey, instance_id: int) -> ReplyFuture:
+        return self._transfer(Op.PREPARE_STORE, key, instance_id)
+
+    def commit_store_async(self, key: CacheKey, instance_id: int, data: bytes = b"") -> ReplyFuture:
+        return self._transfer(Op.COMMIT_STORE, key, instance_id, data)
+
+    def prepare_retrieve_async(self, key: CacheKey, instance_id: int) -> ReplyFuture:
+        return self._transfer(Op.PREPARE_RETRIEVE, key, instance_id)
+
+    def commit_retrieve_async(self, key: CacheKey, instance_id: int) -> ReplyFuture:
+        return self._transfer(Op.COMMIT_RETRIEVE, key, instance_id)
+
+    # Blocking forms (tools, tests, benchmarks): like every blocking call, they wait for a
+    # connection until their deadline.
+
+    def _blocking(self, op: Op, *args: object) -> object:
+        return wait(self._transfer(op, *args, wait_for_peer=True), op, self.transfer_timeout)
+
     def prepare_store(self, key: CacheKey, instance_id: int) -> PrepareStoreReply:
-        return self._call(Op.PREPARE_STORE, key, instance_id, timeout=self.transfer_timeout)  # type: ignore[return-value]
+        return self._blocking(Op.PREPARE_STORE, key, instance_id)  # type: ignore[return-value]
 
     def commit_store(self, key: CacheKey, instance_id: int, data: bytes = b"") -> bool:
-        return bool(
-            self._call(Op.COMMIT_STORE, key, instance_id, data, timeout=self.transfer_timeout)
-        )
+        return bool(self._blocking(Op.COMMIT_STORE, key, instance_id, data))
 
     def prepare_retrieve(self, key: CacheKey, instance_id: int) -> PrepareRetrieveReply:
-        return self._call(Op.PREPARE_RETRIEVE, key, instance_id, timeout=self.transfer_timeout)  # type: ignore[return-value]
+        return self._blocking(Op.PREPARE_RETRIEVE, key, instance_id)  # type: ignore[return-value]
 
     def commit_retrieve(self, key: CacheKey, instance_id: int) -> bool:
-        return bool(self._call(Op.COMMIT_RETRIEVE, key, instance_id, timeout=self.transfer_timeout))
+        return bool(self._blocking(Op.COMMIT_RETRIEVE, key, instance_id))

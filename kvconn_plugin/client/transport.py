@@ -5,9 +5,19 @@ used from two threads at once. Callers enqueue requests and get a ``ReplyFuture`
 owns the socket, sends, matches replies by uid (the server answers out of order) and
 expires deadlines so that an unanswered request never leaks.
 
-Sends use ``ZMQ_IMMEDIATE``: while no connection is up, a request is held locally until its
-deadline instead of being queued inside libzmq and delivered to whatever server comes up
-later (a restarted server has no registrations and a new SHM pool).
+Sends use ``ZMQ_IMMEDIATE``: while no connection is up, a request is held locally instead of
+being queued inside libzmq and delivered to whatever server comes up later (a restarted
+server has no registrations and a new SHM pool). Only calls made with ``wait_for_peer`` are
+held (until their deadline): the start-up probes, heartbeats and lock releases. Everything
+something is waiting on (lookups, transfers) fails at once while no connection is up, and
+when a connection drops every call already sent fails too: a dead server never costs a
+request its whole deadline.
+
+Peer loss is seen by the transport itself: ZMTP heartbeats (``HEARTBEAT_IVL`` /
+``HEARTBEAT_TIMEOUT``) make libzmq drop a connection whose peer stopped answering at the
+protocol level (a frozen process, a dead host, a silent network), and a socket monitor turns
+every drop into failed calls. "Connected" means a completed ZMTP handshake, not an accepted
+TCP connection (a stopped process still accepts those).
 """
 
 from __future__ import annotations
@@ -51,10 +61,11 @@ ZERO_COPY_MIN = 65536  # pyzmq's own copy threshold
 class _Pending:
     """One request from submit to its reply (slotted: built once per call on hot paths)."""
 
-    __slots__ = ("deadline", "frames", "future", "op", "sent", "uid_frame", "zero_copy")
+    __slots__ = ("deadline", "frames", "future", "op", "sent", "uid_frame", "wait_for_peer",
+                 "zero_copy")
 
     def __init__(self, uid_frame: bytes, op: Op, frames: list[bytes], deadline: float,
-                 zero_copy: bool = False):
+                 zero_copy: bool = False, wait_for_peer: bool = True):
         self.uid_frame = uid_frame
         self.op = op
         self.frames = frames
@@ -62,6 +73,19 @@ class _Pending:
         self.future = ReplyFuture()
         self.sent = False
         self.zero_copy = zero_copy
+        self.wait_for_peer = wait_for_peer
+
+
+def heartbeat_options(interval: float) -> tuple[int, int]:
+    """(HEARTBEAT_IVL, HEARTBEAT_TIMEOUT) in ms for an application heartbeat of ``interval`` s.
+
+    A ZMTP PING at most every second (cheap: a few bytes, answered by the peer's libzmq I/O
+    thread, never by its Python code, so a busy server is not mistaken for a dead one) and a
+    connection given up after one application interval of silence (at least 2 pings).
+    """
+    ivl = max(0.1, min(1.0, interval / 2))
+    timeout = max(interval, 2 * ivl)
+    return int(ivl * 1000), int(timeout * 1000)
 
 
 class MQTransport:
@@ -71,9 +95,12 @@ class MQTransport:
         url: ``tcp://host:port`` (a bare ``host:port`` means TCP) or ``ipc://path``.
         timeout: default per-call deadline in seconds.
         max_pending: bound on requests in flight; beyond it submissions fail fast.
+        heartbeat: seconds of protocol-level silence after which the connection is dropped
+            (ZMTP heartbeats); ``None`` disables them.
     """
 
-    def __init__(self, url: str, *, timeout: float = 5.0, max_pending: int = DEFAULT_MAX_PENDING):
+    def __init__(self, url: str, *, timeout: float = 5.0, max_pending: int = DEFAULT_MAX_PENDING,
+                 heartbeat: float | None = 10.0):
         self.url = normalize_url(url)
         self.timeout = float(timeout)
         self._max_pending = max_pending
@@ -98,8 +125,15 @@ class MQTransport:
             self._sock.setsockopt(zmq.RECONNECT_IVL, 100)
             self._sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
             self._sock.setsockopt(zmq.CONNECT_TIMEOUT, 2000)
+            if heartbeat:
+                ivl, hb_timeout = heartbeat_options(heartbeat)
+                self._sock.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+                self._sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, hb_timeout)
+                # A handshake that never completes (a stopped process accepts TCP) is
+                # abandoned as fast as a silent connection.
+                self._sock.setsockopt(zmq.HANDSHAKE_IVL, hb_timeout)
             monitor = self._sock.get_monitor_socket(
-                zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+                zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
             )
             self._sock.connect(self.url)
         except zmq.ZMQError as exc:
@@ -122,20 +156,30 @@ class MQTransport:
 
     @property
     def connected(self) -> bool:
-        """Whether a TCP/IPC connection to the server is up right now (not liveness)."""
+        """Whether a ZMTP connection to the server is up right now (handshake completed)."""
         return self._connected.is_set()
 
     def submit(
-        self, op: Op, *args: Any, timeout: float | None = None, wake: bool = True
+        self, op: Op, *args: Any, timeout: float | None = None, wake: bool = True,
+        wait_for_peer: bool = True,
     ) -> ReplyFuture:
         """Queue one request; the future resolves to the decoded reply or a typed error.
 
         ``wake=False`` leaves the request queued until the next :meth:`flush` (or any
         waking submit): a caller issuing a burst, like the scheduler step, pays for one
         I/O-thread wake-up instead of one per request (each wake-up hands the GIL over).
+
+        ``wait_for_peer=False``: fail with ``KVConnUnavailable`` instead of waiting while no
+        connection is up (now, or when it drops before the request went out). For calls
+        someone is waiting on: a dead server must not cost them their deadline.
         """
         frames_args = args
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        if not wait_for_peer and not self._connected.is_set():
+            fut = ReplyFuture()
+            fut.set_exception(KVConnUnavailable(
+                f"no connection to the LMCache server at {self.url} ({op.name})"))
+            return fut
         with self._lock:
             if self._closed:
                 raise KVConnClosed(f"client for {self.url} is closed")
@@ -146,7 +190,8 @@ class MQTransport:
             uid = next(self._uids)
             frames = encode_request(uid, op, frames_args)
             pend = _Pending(frames[0], op, frames, deadline,
-                            zero_copy=any(len(f) >= ZERO_COPY_MIN for f in frames))
+                            zero_copy=any(len(f) >= ZERO_COPY_MIN for f in frames),
+                            wait_for_peer=wait_for_peer)
             self._pending[pend.uid_frame] = pend
             self._outbox.append(pend)
             heapq.heappush(self._deadlines, (deadline, uid, pend))
@@ -240,7 +285,7 @@ class MQTransport:
                 msg = zmq.utils.monitor.recv_monitor_message(self._monitor, zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if msg["event"] == zmq.EVENT_CONNECTED:
+            if msg["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._ever_connected = True
                 self._connected.set()
             elif msg["event"] == zmq.EVENT_DISCONNECTED:
@@ -252,10 +297,20 @@ class MQTransport:
 
         A reconnected DEALER gets a new routing id, so the server (ROUTER_MANDATORY) drops
         replies addressed to the old connection; waiting for the deadline (30 s for a
-        transfer) would only stall the caller. Requests not sent yet stay queued.
+        transfer) would only stall the caller. Requests not sent yet fail too unless they
+        were made to wait for a peer.
         """
         self._drain_replies()  # replies that made it before the connection broke still count
-        self.abort_in_flight(f"connection to {self.url} lost")
+        reason = f"connection to {self.url} lost"
+        self.abort_in_flight(reason)
+        with self._lock:
+            dropped = [p for p in self._outbox if not p.wait_for_peer]
+            if dropped:
+                self._outbox = collections.deque(p for p in self._outbox if p.wait_for_peer)
+                for p in dropped:
+                    self._pending.pop(p.uid_frame, None)
+        for p in dropped:
+            _fail(p.future, KVConnUnavailable(f"{reason} before {p.op.name} was sent"))
 
     def abort_in_flight(self, reason: str) -> int:
         """Fail every request already sent and still unanswered; returns how many.

@@ -16,7 +16,7 @@ from kvconn_plugin.errors import KVConnTransferError
 if TYPE_CHECKING:
     import torch
 
-SPLITS = ("packed", "planes", "mla")
+SPLITS = ("fused", "packed", "planes", "mla")
 
 
 @dataclass(frozen=True)
@@ -99,11 +99,14 @@ def layout_from_vllm_views(views: list[torch.Tensor], head_size: int, split: str
     Args:
         views: one view per layer, in registration order, as ``register_kv_caches`` receives
             them (any dtype; the strides encode LBNHC/LBHNC/BL** and shared storage).
-        head_size: elements per head of K (and of V). Ignored for ``mla``, whose whole C is
-            one run.
-        split: ``packed`` (K = C[:head_size], V = C[head_size:], GPU backends), ``planes``
-            (vLLM's CPU backend: each (block, head) region is ``[2N, head_size]``, K rows then
-            V rows; LBHNC only) or ``mla`` (one plane, H == 1).
+        head_size: elements per head of K (and of V). Ignored for ``fused`` and ``mla``,
+            whose whole C is one run.
+        split: ``fused`` (one plane: each (head, token)'s whole content C copied as opaque
+            bytes, giving the slot ``[L, T, H*C]`` LMCache's own connector writes for vLLM's
+            packed layouts, whatever sits inside C), ``packed`` (K = C[:head_size],
+            V = C[head_size:], GPU backends), ``planes`` (vLLM's CPU backend: each
+            (block, head) region is ``[2N, head_size]``, K rows then V rows; LBHNC only) or
+            ``mla`` (``fused`` with H == 1).
 
     Raises:
         KVConnTransferError: inconsistent layers or a layout the formula cannot express.
@@ -133,8 +136,8 @@ def layout_from_vllm_views(views: list[torch.Tensor], head_size: int, split: str
     if min(sb, sh, sn) < 0:
         raise KVConnTransferError(f"negative strides are not supported: {first.stride()}")
 
-    if split == "mla":
-        if num_heads != 1:
+    if split in ("fused", "mla"):
+        if split == "mla" and num_heads != 1:
             raise KVConnTransferError(f"mla expects one head slot, got H={num_heads}")
         planes, run, plane_stride = 1, content * es, 0
         token_stride, head_stride = sn * es, sh * es

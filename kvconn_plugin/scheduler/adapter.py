@@ -20,6 +20,7 @@ from kvconn_plugin.client.api import LMCacheClient
 from kvconn_plugin.client.protocol import CacheKey, Op
 from kvconn_plugin.config import KVConnConfig
 from kvconn_plugin.errors import KVConnError
+from kvconn_plugin.kv_groups import NULL_BLOCK_ID, SINGLE, KVGroups
 from kvconn_plugin.metadata import KVConnMetadata, TransferSpec
 from kvconn_plugin.parallel import KVRanks
 from kvconn_plugin.request_params import RequestControls
@@ -49,6 +50,7 @@ class SchedulerAdapter:
         model_name: cache namespace (part of every key).
         ranks: KV world size and readers, as the workers register them.
         block_size: vLLM (manager) block size in tokens.
+        groups: the KV cache groups the cache moves (several for a hybrid model).
         client: injected client (tests); otherwise one is built for the configured server.
     """
 
@@ -59,17 +61,20 @@ class SchedulerAdapter:
         model_name: str,
         ranks: KVRanks,
         block_size: int,
+        groups: KVGroups = SINGLE,
         client: LMCacheClient | None = None,
     ):
         self.config = config
         self.model_name = model_name
         self.ranks = ranks
         self.block_size = block_size
+        self.groups = groups
         self.client = client or LMCacheClient(
             config.server_urls[0],
             control_timeout=config.control_timeout,
             transfer_timeout=config.transfer_timeout,
             defer_wake=True,
+            heartbeat=config.heartbeat_interval,
         )
         self.chunk_size: int | None = None
         self._trackers: dict[str, RequestTracker] = {}
@@ -143,7 +148,8 @@ class SchedulerAdapter:
 
     def _start_lookup(self, tr: RequestTracker) -> None:
         chunk = self.chunk_size
-        if not self.config.load or not self.healthy or chunk is None:
+        if (not self.config.load or not self.healthy or chunk is None or tr.load_failed
+                or self.groups.unsupported):
             return
         # Leave at least one token for vLLM to compute: the last one never comes from us.
         end = (tr.request.num_tokens - 1) // chunk * chunk
@@ -178,7 +184,21 @@ class SchedulerAdapter:
         Returns ``(None, False)`` while the lookup is in flight. The answer depends only on
         the request and the lookup result, so repeated calls agree.
         """
+        num, is_async = self._matched_tokens(request, num_computed_tokens)
+        if num is not None:  # the final answer: what cached_token_stats reports
+            bs = self.block_size
+            self.controls.note_hits(request, num_computed_tokens // bs * bs,
+                                    self.lookup_hit_tokens(request.request_id))
+        return num, is_async
+
+    def _matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         tr = self._tracker(request)
+        if tr.load_from is not None and not tr.loading:
+            # Asked again after this request's load ended: a load that worked leaves
+            # computed tokens, so vLLM would not ask; it failed (vLLM recomputes), or the
+            # request was preempted before we reset it. The hit was used up either way, and
+            # offering it again would fail the same way (or wait on a load never planned).
+            return 0, False
         if tr.state is LookupState.IDLE and tr.load_from is None and not tr.loading:
             self._start_lookup(tr)  # e.g. a resumed request after preemption
         was_in_flight = tr.in_flight
@@ -223,7 +243,8 @@ class SchedulerAdapter:
         end = min(tr.hit_chunks * chunk, tr.lookup_end)
         computed = end - num_external_tokens
         start = computed // chunk * chunk
-        block_ids = list(blocks.get_block_ids()[0])
+        groups = self._groups_of(blocks.get_block_ids())
+        block_ids = groups[0]
         first, last = start // self.block_size, end // self.block_size
         if computed < 0 or computed % self.block_size or end % chunk or last > len(block_ids):
             logger.error("kvconn: load plan [%d, %d) does not fit %d blocks; recomputing instead",
@@ -236,10 +257,12 @@ class SchedulerAdapter:
                 skip_blocks=max(0, computed) // self.block_size))
             tr.loading = True
             tr.load_from = -1
+            tr.load_failed = True
             self._release_locks(tr)
             return
         tr.load_from = start
         tr.loading = True
+        tr.load_blocks = frozenset(block_ids[first + (computed - start) // self.block_size:last])
         tr.stored_end = max(tr.stored_end, end)  # these chunks are on the server already
         tr.store_countdown = 0  # the load moves computed tokens: check exactly next time
         self._pending_loads.append(TransferSpec(
@@ -250,6 +273,7 @@ class SchedulerAdapter:
             block_ids=tuple(block_ids[first:last]),
             cache_salt=tr.cache_salt,
             skip_blocks=(computed - start) // self.block_size,
+            other_groups=tuple(tuple(g[first:last]) for g in groups[1:]),
         ))
         self.stats.record("hit_tokens", num_external_tokens)
         self._release_locks(tr)
@@ -287,7 +311,8 @@ class SchedulerAdapter:
         for tr in (self._trackers.get(r) for r in scheduler_output.preempted_req_ids or ()):
             if tr is not None:
                 self._reset_for_resume(tr)
-        if self.config.store and self.healthy and self._kv_cache_manager is not None:
+        if (self.config.store and self.healthy and self._kv_cache_manager is not None
+                and not self.groups.unsupported):
             # Runs for every scheduled request each step: most are decoding and nowhere
             # near their next chunk boundary, so the common case is one comparison.
             get = self._trackers.get
@@ -326,9 +351,16 @@ class SchedulerAdapter:
             return None
         start = tr.stored_end
         first, last = start // self.block_size, end // self.block_size
-        block_ids = self._block_ids(tr.request_id, first, last)
-        if block_ids is None:
+        groups = self._block_ids(tr.request_id, first, last)
+        if groups is None:
             tr.store_countdown = 0
+            return None
+        if self.groups.windowed and any(NULL_BLOCK_ID in g for g in groups):
+            # A sliding window already left these chunks behind (a chunk larger than the
+            # window, or a store delayed by an outage): their objects cannot be whole, and
+            # lookups stop at the first missing chunk, so this request stores no more.
+            tr.stored_end = req.num_tokens + chunk
+            tr.store_countdown = tr.stored_end
             return None
         tr.stored_end = end
         return TransferSpec(
@@ -336,12 +368,20 @@ class SchedulerAdapter:
             token_ids=tuple(req.all_token_ids[:end]),
             start=start,
             end=end,
-            block_ids=block_ids,
+            block_ids=groups[0],
             cache_salt=tr.cache_salt,
+            other_groups=groups[1:],
         )
 
-    def _block_ids(self, req_id: str, first: int, last: int) -> tuple[int, ...] | None:
-        """Ids of the request's blocks ``[first, last)``, or None if it has fewer.
+    def _groups_of(self, per_group: Any) -> list[Any]:
+        """The block-id lists of the groups we move, from vLLM's one-per-group sequence."""
+        if not self.groups.groups:
+            return [per_group[0]]
+        return [per_group[g.index] for g in self.groups.groups]
+
+    def _block_ids(self, req_id: str, first: int, last: int) -> tuple[tuple[int, ...], ...] | None:
+        """Ids of the request's blocks ``[first, last)`` per moved group, or None if it has
+        fewer.
 
         Reads only that slice: ``get_block_ids`` would list every block of the request on
         each store (a long prompt has hundreds at block size 16).
@@ -349,12 +389,14 @@ class SchedulerAdapter:
         manager = self._kv_cache_manager
         get_blocks = getattr(manager, "get_blocks", None)
         if get_blocks is not None:
-            blocks = get_blocks(req_id).blocks[0]
-            if last > len(blocks):
+            groups = self._groups_of(get_blocks(req_id).blocks)
+            if any(last > len(g) for g in groups):
                 return None
-            return tuple(b.block_id for b in blocks[first:last])
-        ids = manager.get_block_ids(req_id)[0]
-        return tuple(ids[first:last]) if last <= len(ids) else None
+            return tuple(tuple(b.block_id for b in g[first:last]) for g in groups)
+        groups = self._groups_of(manager.get_block_ids(req_id))
+        if any(last > len(g) for g in groups):
+            return None
+        return tuple(tuple(g[first:last]) for g in groups)
 
     def _reset_for_resume(self, tr: RequestTracker) -> None:
         """A preempted request lost its blocks; it is looked up afresh when it resumes."""
@@ -369,13 +411,18 @@ class SchedulerAdapter:
                     tr, time.monotonic() + DRAIN_TIMEOUT)
         fresh = RequestTracker(tr.request_id, tr.request, tr.cache_salt)
         fresh.stored_end = tr.stored_end
+        fresh.load_failed = tr.load_failed
         self._trackers[tr.request_id] = fresh
 
     def update_connector_output(self, output: Any) -> None:
+        invalid = output.invalid_block_ids or ()
+        failed = output.failed_recving or ()
         for req_id in output.finished_recving or ():
             tr = self._trackers.get(req_id)
             if tr is not None:
                 tr.loading = False
+                if req_id in failed or not tr.load_blocks.isdisjoint(invalid):
+                    tr.load_failed = True
 
     # ------------------------------------------------------------------ finish
 
@@ -383,17 +430,19 @@ class SchedulerAdapter:
         """Release locks and end the server session (EngineCore process).
 
         Returns True (keep the blocks) only while a load into them is still running; the
-        worker's finished_recving for it then lets vLLM free them.
+        worker's finished_recving for it then lets vLLM free them. The second value is the
+        request's output ``kv_transfer_params`` (``cached_token_stats`` when it asked).
         """
+        params = self.controls.finish(request)
         tr = self._trackers.pop(request.request_id, None)
         if tr is None:
-            return False, None
+            return False, params
         hold = tr.loading
         if tr.load_from is None:
             tr.load_from = -1
         if not self._settle(tr, final=True):
             self._closing[tr.request_id] = (tr, time.monotonic() + DRAIN_TIMEOUT)
-        return hold, None
+        return hold, params
 
     def _settle(self, tr: RequestTracker, final: bool) -> bool:
         """Free what a finished (``final``) or superseded lookup still holds; True when done.

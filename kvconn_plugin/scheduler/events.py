@@ -8,7 +8,10 @@ block hashes of its blocks (the very hashes of vLLM's GPU events for the same to
 parent block's hash, the chunk's token ids, ``block_size`` = vLLM's block size and
 ``medium="CPU"``.
 
-* A chunk is announced once every writing worker confirmed its commit (``store_acks``).
+* A chunk is announced once every writing worker reported its COMMIT_STORE confirmed
+  (``store_acks``), at the first engine step after that (stores settle in the background;
+  an idle engine announces at its next step). Chunks the server reported as already cached
+  are not announced by this store (they were announced when first stored, if by us).
 * Evictions: the server's event stream reports each evicted chunk by the server's own chunk
   hash (``chunk_hash``); we keep, per announced chunk, that hash next to the vLLM hashes and
   publish ``BlockRemoved`` for the latter. A chunk evicted between its commit and its
@@ -25,7 +28,7 @@ import collections
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from vllm.distributed.kv_events import MEDIUM_CPU, BlockRemoved, BlockStored, KVCacheEvent
@@ -59,7 +62,8 @@ class _Chunk:
 class _Pending:
     planned_at: float
     chunks: list[_Chunk]
-    acks: int = 0
+    acks: int = 0  # workers that reported this store settled
+    commits: list[int] = field(default_factory=list)  # per chunk: workers that committed it
 
 
 class OffloadEvents:
@@ -135,24 +139,32 @@ class OffloadEvents:
             chunks = self._describe(req, spec, chunk_size)
             if not chunks:
                 continue
-            self._pending[(spec.request_id, spec.start, spec.end)] = _Pending(now, chunks)
+            self._pending[(spec.request_id, spec.start, spec.end)] = _Pending(
+                now, chunks, commits=[0] * len(chunks))
             while len(self._pending) > MAX_PENDING:
                 self._pending.popitem(last=False)
 
     def on_worker_events(self, kv_cache_events: Any) -> None:
-        """Count the workers' store confirmations; announce the chunks all writers have."""
+        """Count the workers' store reports; once every writer reported a store, announce
+        its chunks that all of them committed."""
         if not isinstance(kv_cache_events, StoreAckBatch):
             return
         self._drain_inbox()  # evictions received so far veto late confirmations
         for ack in kv_cache_events.get_all_events():
-            if not (isinstance(ack, tuple) and len(ack) == 3):
+            if not (isinstance(ack, (tuple, list)) and len(ack) == 4):
                 continue
-            pend = self._pending.get(ack)
-            if pend is None:
+            key = (ack[0], ack[1], ack[2])
+            pend = self._pending.get(key)
+            committed = ack[3]
+            if pend is None or not isinstance(committed, (tuple, list)):
                 continue
+            n = len(pend.commits)
+            for ci in set(committed):
+                if isinstance(ci, int) and 0 <= ci < n:
+                    pend.commits[ci] += 1
             pend.acks += 1
             if pend.acks >= self.writers:
-                del self._pending[ack]
+                del self._pending[key]
                 self._announce(pend)
 
     def on_reset(self, cleared: bool) -> None:
@@ -255,7 +267,9 @@ class OffloadEvents:
             return None
 
     def _announce(self, pend: _Pending) -> None:
-        for c in pend.chunks:
+        for c, commits in zip(pend.chunks, pend.commits, strict=True):
+            if commits < self.writers:
+                continue  # not committed by every writer (dropped, or the server had it)
             if c.key in self._announced_keys:
                 continue  # already announced (another request stored the same chunk)
             removed = self._removed_at.get(c.server_hash)

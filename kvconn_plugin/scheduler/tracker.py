@@ -53,6 +53,9 @@ class RequestTracker:
     # from, or -1 when nothing is loaded. Decides which locks to free.
     load_from: int | None = None
     loading: bool = False          # a load was handed to the workers and not yet reported
+    load_blocks: frozenset[int] = frozenset()  # blocks that load writes (to spot its errors)
+    # The load failed: this request is never offered a hit again (it would fail the same way).
+    load_failed: bool = False
     stored_end: int = 0            # tokens already stored (or known cached), chunk aligned
     # Scheduled tokens until the next store check; 0 means check exactly at the next step.
     store_countdown: int = 0

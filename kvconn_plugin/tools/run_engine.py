@@ -112,7 +112,11 @@ def _child(spec_path: str, out_path: str) -> None:
             "token_ids": list(out.outputs[0].token_ids),
             "text": out.outputs[0].text,
         })
-    Path(out_path).write_text(json.dumps({"engine_start_s": start_s, "results": results}))
+    sched_cfg = llm.llm_engine.vllm_config.scheduler_config
+    Path(out_path).write_text(json.dumps({
+        "engine_start_s": start_s, "results": results,
+        "hybrid_kv_cache_manager": not sched_cfg.disable_hybrid_kv_cache_manager,
+    }))
     # Shut down explicitly so the connector's shutdown hooks run before the parent reaps us.
     with contextlib.suppress(Exception):
         llm.llm_engine.engine_core.shutdown()

@@ -15,20 +15,46 @@ import logging
 import math
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from kvconn_plugin.client.api import LMCacheClient, new_instance_id
-from kvconn_plugin.client.protocol import CacheKey, RegisterEngineDrivenPayload
+from kvconn_plugin.client.protocol import CacheKey, Op, RegisterEngineDrivenPayload
+from kvconn_plugin.client.reply_future import ReplyFuture
 from kvconn_plugin.client.shm_pool import ShmPool
+from kvconn_plugin.client.transport import wait
 from kvconn_plugin.config import KVConnConfig
 from kvconn_plugin.errors import KVConnError, KVConnProtocolError, KVConnTimeout, KVConnUnavailable
+from kvconn_plugin.kv_groups import NULL_BLOCK_ID, leading_nulls
 from kvconn_plugin.metadata import TransferSpec
 from kvconn_plugin.parallel import KVRanks
 from kvconn_plugin.stats import KVConnStats
 from kvconn_plugin.utils import PeriodicTask, RateLimitedLog
+from kvconn_plugin.worker.chunk_copy import ChunkCopier
 
 logger = logging.getLogger(__name__)
 _warn = RateLimitedLog(logger, interval=30.0)
+
+
+@dataclass(frozen=True, eq=False)
+class ChunkPlan:
+    """One transfer of whole chunks, checked against the registration."""
+
+    key: CacheKey
+    nchunks: int
+    blocks_per_chunk: int   # kernel blocks per chunk
+    shape: tuple[int, ...]  # slot shape in elements
+    blocks: tuple[list[int], ...]  # per KV cache group: kernel block ids of the range, in order
+    skips: tuple[int, ...]  # per group: leading kernel blocks a load must leave alone
+    pool: ShmPool | None    # the pool the server's slots refer to (None: pickled chunks)
+
+    def chunk_blocks(self, ci: int) -> tuple[list[int], ...]:
+        bpc = self.blocks_per_chunk
+        return tuple(b[ci * bpc:(ci + 1) * bpc] for b in self.blocks)
+
+    def chunk_skips(self, ci: int) -> tuple[int, ...]:
+        bpc = self.blocks_per_chunk
+        return tuple(min(bpc, max(0, s - ci * bpc)) for s in self.skips)
 
 
 class ServerSession:
@@ -39,10 +65,9 @@ class ServerSession:
         config: KVConnConfig,
         model_name: str,
         ranks: KVRanks,
-        layout: Any,
-        transfer: Any,
+        copier: ChunkCopier,
+        windowed: bool = False,
         manager_block_size: int,
-        use_mla: bool,
         dtype_name: str,
         stats: KVConnStats,
     ):
@@ -50,15 +75,15 @@ class ServerSession:
         self.config = config
         self.model_name = model_name
         self.ranks = ranks
-        self.layout = layout
-        self.transfer = transfer
-        self.use_mla = use_mla
+        self.copier = copier
+        self.layout = copier.layout
+        self.windowed = windowed
         self.dtype_name = dtype_name
         self.stats = stats
         self.instance_id = new_instance_id()
         self.manager_block_size = manager_block_size
         # vLLM may split a manager block into several kernel blocks (dim 0 of the views).
-        self.block_ratio = max(1, manager_block_size // layout.block_size)
+        self.block_ratio = max(1, manager_block_size // self.layout.block_size)
         self.chunk_size: int | None = None
         self.pool: ShmPool | None = None
         self.healthy = False
@@ -66,7 +91,7 @@ class ServerSession:
         self._reg_lock = threading.Lock()
         # Store (engine thread) and load (load thread) may overlap; their copies share the
         # transfer object and its stream, so only the copy sections are serialized.
-        self._xfer_lock = threading.Lock()
+        self.xfer_lock = threading.Lock()
         self._heartbeat_task = PeriodicTask("kvconn-worker-health", config.heartbeat_interval,
                                             self._heartbeat)
 
@@ -75,7 +100,7 @@ class ServerSession:
     def connect(self) -> None:
         """Register now if a server answers; otherwise degrade and keep retrying."""
         try:
-            self._register(wait=self.config.connect_timeout)
+            self._register(timeout=self.config.connect_timeout)
         except KVConnError as exc:
             if self.config.require_server:
                 self.client.close()
@@ -92,9 +117,9 @@ class ServerSession:
                        "cache and retrying in the background", self.client.url, exc)
         self._heartbeat_task.start()
 
-    def _register(self, wait: float) -> None:
+    def _register(self, timeout: float) -> None:
         with self._reg_lock:
-            chunk = self.client.get_chunk_size(timeout=wait)
+            chunk = self.client.get_chunk_size(timeout=timeout)
             if chunk % self.manager_block_size:
                 self._disable(f"server chunk size {chunk} is not a multiple of vLLM's block "
                               f"size {self.manager_block_size}")
@@ -108,13 +133,15 @@ class ServerSession:
                 model_name=self.model_name,
                 world_size=self.ranks.world_size,
                 block_size=lay.block_size,
-                num_layers=lay.num_layers,
+                num_layers=self.copier.num_layers,
                 hidden_dim_size=lay.num_heads * lay.run_bytes // self._itemsize(),
                 dtype_str=self.dtype_name,
-                use_mla=self.use_mla,
+                # The wire field only sets the object's plane count: one plane holds MLA's
+                # latent and the fused K|V content alike (what LMCache's connector sends).
+                use_mla=lay.num_planes == 1,
                 num_physical_slots=chunk,
             )
-            reply = self.client.register_engine_driven(payload, timeout=wait)
+            reply = self.client.register_engine_driven(payload, timeout=timeout)
             self._swap_pool(reply.shm_name, reply.pool_size)
             self.chunk_size = chunk
             self.healthy = True
@@ -155,6 +182,13 @@ class ServerSession:
             raise KVConnProtocolError(f"unsupported KV dtype {self.dtype_name}")
         return size
 
+    def swap_copier(self, copier: Any) -> Any:
+        """Replace the copier between two copies (vLLM sleep mode); returns the old one.
+        Every copy runs under ``xfer_lock`` and waits for its own completion there."""
+        with self.xfer_lock:
+            old, self.copier = self.copier, copier
+        return old
+
     # ------------------------------------------------------------------ heartbeat
 
     def _heartbeat(self) -> None:
@@ -167,7 +201,7 @@ class ServerSession:
             if self.healthy:
                 self.client.ping(self.instance_id, timeout=interval)
             else:
-                self._register(wait=interval)
+                self._register(timeout=interval)
                 logger.info("kvconn: re-registered with LMCache server at %s", self.client.url)
         except KVConnError as exc:
             if self.healthy:
@@ -180,7 +214,71 @@ class ServerSession:
             # after transfer_timeout. Bounds every transfer wait by ~2 heartbeat intervals.
             self.client.abort_in_flight(f"LMCache server at {self.client.url} stopped answering")
 
-    def _failed(self, exc: Exception) -> None:
+    # ------------------------------------------------------------------ transfers
+
+    def plan(self, spec: TransferSpec, store: bool = False) -> ChunkPlan:
+        """Check a spec against the registration and the layout; what a transfer needs.
+
+        Raises ``KVConnUnavailable`` while the server is not usable (nothing is sent to a
+        server known to be down) and ``KVConnProtocolError`` for a malformed spec.
+        """
+        chunk = self.chunk_size
+        if chunk is None or not self.healthy:
+            raise KVConnUnavailable(f"LMCache server at {self.client.url} is not usable now")
+        span = spec.end - spec.start
+        if span <= 0 or spec.start % chunk or span % chunk:
+            raise KVConnProtocolError(f"range [{spec.start}, {spec.end}) is not whole chunks")
+        if len(spec.block_ids) * self.manager_block_size != span:
+            raise KVConnProtocolError(f"{len(spec.block_ids)} blocks for {span} tokens")
+        if len(spec.token_ids) < spec.end:
+            raise KVConnProtocolError("token ids shorter than the range")
+        groups = spec.group_block_ids()
+        if len(groups) != len(self.copier.parts) or any(
+                len(g) != len(spec.block_ids) for g in groups):
+            raise KVConnProtocolError(
+                f"{len(groups)} block lists for {len(self.copier.parts)} KV cache groups")
+        r = self.block_ratio
+        # Only sliding windows hand out vLLM's null block (elsewhere block 0 is a block).
+        windowed = self.windowed
+        if windowed and store and any(NULL_BLOCK_ID in g for g in groups):
+            raise KVConnProtocolError("a store over vLLM's null block (outside a window)")
+        # Leading null blocks are a sliding window's skipped prefix: never copied.
+        skips = tuple(r * max(spec.skip_blocks, leading_nulls(g) if windowed else 0)
+                      for g in groups)
+        blocks = tuple(list(g) if r == 1 else [b * r + i for b in g for i in range(r)]
+                       for g in groups)
+        return ChunkPlan(
+            key=CacheKey(
+                model_name=self.model_name,
+                world_size=self.ranks.world_size,
+                worker_id=self.ranks.worker_id,
+                token_ids=list(spec.token_ids),
+                start=spec.start,
+                end=spec.end,
+                request_id=spec.request_id,
+                cache_salt=spec.cache_salt,
+                num_kv_readers=self.ranks.num_kv_readers,
+            ),
+            nchunks=span // chunk,
+            blocks_per_chunk=chunk // self.layout.block_size,
+            shape=self.slot_shape(chunk),
+            blocks=blocks,
+            skips=skips,
+            pool=self.pool,  # a re-registration may swap it; slots belong to this one
+        )
+
+    def slot_shape(self, chunk: int) -> tuple[int, ...]:
+        lay, layers = self.layout, self.copier.num_layers
+        hidden = lay.num_heads * lay.run_bytes // self._itemsize()
+        if lay.num_planes == 1:
+            return (layers, chunk, hidden)
+        return (2, layers, chunk, hidden)
+
+    @property
+    def chunk_bytes(self) -> int:
+        return math.prod(self.slot_shape(self.chunk_size or 0)) * self._itemsize()
+
+    def failed(self, exc: Exception) -> None:
         """A transfer call failed: let the heartbeat check the server right away."""
         self.stats.record("server_errors")
         if isinstance(exc, KVConnUnavailable) or "no reply" in str(exc):
@@ -188,149 +286,52 @@ class ServerSession:
             self.stats.set_degraded(True)
         self._heartbeat_task.poke()
 
-    # ------------------------------------------------------------------ transfers
+    def retrieve(self, spec: TransferSpec, plan: ChunkPlan, prepared: ReplyFuture) -> None:
+        """Scatter the chunks PREPARE_RETRIEVE lent into vLLM's blocks, then release them.
 
-    def _key(self, spec: TransferSpec) -> CacheKey:
-        return CacheKey(
-            model_name=self.model_name,
-            world_size=self.ranks.world_size,
-            worker_id=self.ranks.worker_id,
-            token_ids=list(spec.token_ids),
-            start=spec.start,
-            end=spec.end,
-            request_id=spec.request_id,
-            cache_salt=spec.cache_salt,
-            num_kv_readers=self.ranks.num_kv_readers,
-        )
-
-    def _chunk_geometry(self, spec: TransferSpec) -> tuple[int, int, tuple[int, ...]]:
-        """(chunks, kernel blocks per chunk, slot shape), after checking the spec."""
-        chunk = self.chunk_size
-        if chunk is None or not self.healthy:
-            raise KVConnUnavailable(f"LMCache server at {self.client.url} is not usable now")
-        span = spec.end - spec.start
-        if span <= 0 or spec.start % chunk or span % chunk:
-            raise KVConnProtocolError(f"range [{spec.start}, {spec.end}) is not whole chunks")
-        nchunks = span // chunk
-        if len(spec.block_ids) * self.manager_block_size != span:
-            raise KVConnProtocolError(f"{len(spec.block_ids)} blocks for {span} tokens")
-        if len(spec.token_ids) < spec.end:
-            raise KVConnProtocolError("token ids shorter than the range")
-        lay = self.layout
-        hidden = lay.num_heads * lay.run_bytes // self._itemsize()
-        shape = ((lay.num_layers, chunk, hidden) if self.use_mla
-                 else (2, lay.num_layers, chunk, hidden))
-        return nchunks, chunk // lay.block_size, shape
-
-    def _kernel_blocks(self, block_ids: tuple[int, ...]) -> list[int]:
-        r = self.block_ratio
-        if r == 1:
-            return list(block_ids)
-        return [b * r + i for b in block_ids for i in range(r)]
-
-    def store(self, spec: TransferSpec) -> None:
-        """PREPARE_STORE, gather into the lent slots, COMMIT_STORE."""
-        nchunks, bpc, shape = self._chunk_geometry(spec)
-        pool = self.pool  # a re-registration may swap it; keep the one the slots belong to
-        key = self._key(spec)
-        blocks = self._kernel_blocks(spec.block_ids)
-        t0 = time.perf_counter()
-        try:
-            reply = self.client.prepare_store(key, self.instance_id)
-            ctx = reply.context
-            if pool is None:
-                return self._store_pickled(key, blocks, nchunks, bpc, shape, t0)
-            if len(ctx.slots) != len(ctx.chunk_indices):
-                raise KVConnProtocolError("prepare_store: slots and chunk indices differ")
-            if not ctx.slots:
-                return  # everything already cached (or no room): no commit expected
-            views = []
-            for slot, ci in zip(ctx.slots, ctx.chunk_indices, strict=True):
-                if ci >= nchunks:
-                    raise KVConnProtocolError(f"prepare_store: chunk index {ci} >= {nchunks}")
-                views.append((ci, pool.slot_view(slot, shape, self.dtype_name)))
-            with self._xfer_lock:
-                for ci, view in views:
-                    self.transfer.gather(blocks[ci * bpc:(ci + 1) * bpc], view)
-                self.transfer.synchronize()
-            ok = self.client.commit_store(key, self.instance_id, b"")
-        except KVConnError as exc:
-            self._failed(exc)
-            raise
-        if not ok:
-            raise KVConnProtocolError("commit_store refused (reservation expired?)")
-        self.stats.record("stored_chunks", len(ctx.slots))
-        self.stats.record("stored_bytes", len(ctx.slots) * math.prod(shape) * self._itemsize())
-        self.stats.record("store_seconds", time.perf_counter() - t0)
-
-    def _store_pickled(self, key: CacheKey, blocks: list[int], nchunks: int, bpc: int,
-                       shape: tuple[int, ...], t0: float) -> None:
-        import torch
-
-        from kvconn_plugin.client import pickle_codec
-
-        chunks = []
-        with self._xfer_lock:
-            for ci in range(nchunks):
-                buf = torch.empty(math.prod(shape) * self._itemsize(), dtype=torch.uint8)
-                self.transfer.gather(blocks[ci * bpc:(ci + 1) * bpc], buf)
-                chunks.append(buf)
-            self.transfer.synchronize()
-        data = pickle_codec.encode_chunks(chunks, shape, self.dtype_name)
-        if not self.client.commit_store(key, self.instance_id, data):
-            raise KVConnProtocolError("commit_store (pickled) refused")
-        self.stats.record("stored_chunks", nchunks)
-        self.stats.record("stored_bytes", len(data))
-        self.stats.record("store_seconds", time.perf_counter() - t0)
-
-    def retrieve(self, spec: TransferSpec) -> bool:
-        """PREPARE_RETRIEVE, scatter the slots into vLLM's blocks, COMMIT_RETRIEVE.
-
-        Returns False when the server no longer has the chunks (all-or-nothing).
+        ``prepared`` is the PREPARE_RETRIEVE sent when the step's metadata was bound. Raises
+        a ``KVConnError`` (vLLM recomputes) when it failed, the server no longer has every
+        chunk (all-or-nothing), or a slot does not match our layout: bytes another layout
+        wrote are never read as ours. COMMIT_RETRIEVE only releases the server's read locks,
+        so it is sent without waiting for its reply.
         """
-        nchunks, bpc, shape = self._chunk_geometry(spec)
-        pool = self.pool
-        key = self._key(spec)
-        blocks = self._kernel_blocks(spec.block_ids)
-        skip = spec.skip_blocks * self.block_ratio
         t0 = time.perf_counter()
         try:
-            reply = self.client.prepare_retrieve(key, self.instance_id)
+            reply = wait(prepared, Op.PREPARE_RETRIEVE, self.config.transfer_timeout)
             if not reply.success:
-                return False
+                raise KVConnProtocolError("the server no longer has every chunk")
             try:
-                self._scatter_reply(pool, reply, blocks, nchunks, bpc, skip, shape)
+                self._scatter_reply(plan, reply)
             finally:
-                # Commit even after a failed scatter: it releases the read locks.
-                self.client.commit_retrieve(key, self.instance_id)
+                # Even after a failed scatter: it releases the read locks.
+                self.client.commit_retrieve_async(plan.key, self.instance_id)
         except KVConnError as exc:
-            self._failed(exc)
+            if not isinstance(exc, KVConnProtocolError):
+                self.failed(exc)
             raise
-        self.stats.record("loaded_chunks", nchunks)
-        self.stats.record("loaded_bytes", nchunks * math.prod(shape) * self._itemsize())
+        nbytes = plan.nchunks * math.prod(plan.shape) * self._itemsize()
+        self.stats.record("loaded_chunks", plan.nchunks)
+        self.stats.record("loaded_bytes", nbytes)
         self.stats.record("load_seconds", time.perf_counter() - t0)
-        return True
 
-    def _scatter_reply(self, pool: ShmPool | None, reply: Any, blocks: list[int], nchunks: int,
-                       bpc: int, skip: int, shape: tuple[int, ...]) -> None:
+    def _scatter_reply(self, plan: ChunkPlan, reply: Any) -> None:
+        pool, nchunks, shape = plan.pool, plan.nchunks, plan.shape
         if pool is None:
             from kvconn_plugin.client import pickle_codec
 
             sources = pickle_codec.decode_chunks(reply.data, nchunks, shape, self.dtype_name)
         else:
+            if pool is not self.pool:
+                raise KVConnUnavailable("the server's SHM pool changed (server restarted)")
             slots = reply.context.slots
             if len(slots) != nchunks:
                 raise KVConnProtocolError(
                     f"prepare_retrieve: {len(slots)} slots for {nchunks} chunks")
             sources = [pool.slot_view(s, shape, self.dtype_name) for s in slots]
-        with self._xfer_lock:
+        with self.xfer_lock:
             for ci, src in enumerate(sources):
-                first = ci * bpc
-                local_skip = min(bpc, max(0, skip - first))
-                if local_skip == bpc:
-                    continue
-                self.transfer.scatter(src, blocks[first:first + bpc], skip_blocks=local_skip)
-            self.transfer.synchronize()
+                self.copier.scatter(src, plan.chunk_blocks(ci), plan.chunk_skips(ci))
+            self.copier.synchronize()
 
     # ------------------------------------------------------------------ shutdown
 

@@ -109,7 +109,7 @@ def test_routers_see_our_chunks_with_vllm_block_hashes_and_their_eviction(server
         assert [(s.start, s.end) for s in stores] == [(0, 512)]
         # The worker commits the chunks (to the real server) and confirms them.
         seed_server(server.url, model, toks[:512], salt="tenant-1")
-        h.step(kv_cache_events=StoreAckBatch([("ev", 0, 512)]))
+        h.step(kv_cache_events=StoreAckBatch([("ev", 0, 512, (0, 1))]))
         events = sub.wait_for(lambda ev: len(sub.stored("CPU")) >= 2, 20)
         cpu = sub.stored("CPU")
         assert len(cpu) == 2, events

@@ -37,3 +37,26 @@ def test_doctor_fails_when_config_cannot_work():
     assert "[FAIL] server" in out.stdout and "fix: lmcache server" in out.stdout
     bad = _doctor({"kvconn.nope": 1})
     assert bad.returncode == 1 and "kvconn.nope" in bad.stdout
+
+
+def test_doctor_reports_a_kv_format_the_connector_cannot_move(lmcache_server):
+    from tests.helpers.sched_harness import tiny_model_dir
+
+    host, port = lmcache_server.url.rsplit(":", 1)
+    extra = {"lmcache.mp.host": host, "lmcache.mp.port": int(port)}
+    model = str(tiny_model_dir())
+    env = {**os.environ, "LMCACHE_TRACK_USAGE": "false", "DO_NOT_TRACK": "1",
+           "HF_HUB_OFFLINE": "1"}
+
+    def run(engine: dict) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "kvconn_plugin", "doctor", "--extra-config",
+                               json.dumps(extra), "--engine-args", json.dumps(engine)],
+                              capture_output=True, text=True, timeout=300, env=env)
+
+    plain = run({"model": model})
+    assert plain.returncode == 0 and "[OK  ] KV format: attention" in plain.stdout, plain.stdout
+    dcp = run({"model": model, "tensor_parallel_size": 4, "decode_context_parallel_size": 2})
+    # The engine still runs (without the cache), so this warns instead of failing.
+    assert dcp.returncode == 0, dcp.stdout + dcp.stderr
+    assert "[WARN] KV format: context parallelism" in dcp.stdout
+    assert "serve without the KV cache" in dcp.stdout

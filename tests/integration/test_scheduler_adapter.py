@@ -170,3 +170,31 @@ def test_chunked_prefill_stores_each_chunk_once_as_it_completes(server):
     assert seen == [(0, 256), (256, 512)]
     h.assert_empty()
     h.connector.shutdown()
+
+
+@pytest.mark.parametrize("report", ["invalid_blocks", "failed_recving"])
+def test_failed_load_completes_recomputed_and_is_never_offered_again(server, report):
+    """A load the workers report failed: vLLM recomputes the request, and the connector never
+    offers the same hit again (vLLM asks again when the failed load left it nothing: the
+    old answer would send it back to wait for a load nobody plans, forever)."""
+    h = _harness(server)
+    toks = _tokens(700, 8)
+    _seed_server(server, h.vllm_config.model_config.model, toks)
+    h.add(h.request("bad", toks))
+    so = _step_until(h, lambda so: _meta(so).loads)
+    load = _meta(so).loads[0]
+    sched = h.connector._scheduler
+    outcome = ({"invalid_block_ids": set(load.block_ids[load.skip_blocks:])}
+               if report == "invalid_blocks" else {"failed_recving": {"bad"}})
+    h.step(finished_recving={"bad"}, **outcome)
+    assert sched._trackers["bad"].load_failed
+    loads = []
+    for _ in range(100):
+        so, _ = h.step()
+        loads += _meta(so).loads
+        if not h.scheduler.has_requests():
+            break
+    assert loads == [], "a failed load was planned again"
+    h.assert_empty()
+    assert not sched._trackers and not sched._closing
+    h.connector.shutdown()

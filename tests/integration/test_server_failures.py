@@ -55,7 +55,7 @@ class Worker:
         self.adapter = WorkerAdapter(
             _config(server, **extra), model_name=MODEL,
             ranks=kv_ranks(mla=False, world_size=1, rank=0, tp_size=1),
-            block_size=BLOCK, use_mla=False, head_size=HEAD, kv_split="packed")
+            block_size=BLOCK, head_size=HEAD)
         self.adapter.register_kv_caches({f"layer{i}": t for i, t in enumerate(self.kv)})
 
     @property
@@ -75,8 +75,17 @@ class Worker:
         for t in self.kv:
             t[blocks.start:blocks.stop].view(torch.uint8).fill_(POISON)
 
-    def store(self, spec: TransferSpec) -> None:
-        self.adapter.wait_for_save(KVConnMetadata(stores=[spec]))
+    def store(self, spec: TransferSpec, settle: float = 60.0) -> float:
+        """One step's store as vLLM drives it (bind, forward, wait_for_save); returns how
+        long wait_for_save held the engine thread, after waiting (at most ``settle`` s) for
+        the store's network legs to finish in the background."""
+        meta = KVConnMetadata(stores=[spec])
+        self.adapter.start_transfers(meta)
+        t0 = time.monotonic()
+        self.adapter.wait_for_save(meta)
+        held = time.monotonic() - t0
+        assert self.adapter.wait_stores_idle(settle), "store still unsettled"
+        return held
 
     def load(self, spec: TransferSpec, timeout: float = 20.0) -> tuple[float, set[int]]:
         """Start the load and wait until the worker reports it; returns (seconds, error blocks)."""
@@ -442,3 +451,35 @@ def test_lookups_that_time_out_on_a_stalled_server_still_free_their_locks(server
         if server.process is not None:
             os.killpg(server.process.pid, signal.SIGCONT)
         h.connector.shutdown()
+
+
+def test_wait_for_save_never_waits_on_a_frozen_server(server):
+    """The engine thread's part of a store is the copy out of vLLM's blocks: with the
+    server frozen and every network deadline long (30 s heartbeat, 120 s transfers),
+    wait_for_save still returns at once (staged copy), and the store settles later."""
+    w = Worker(server, **{"lmcache.mp.heartbeat_interval": 30})
+    try:
+        toks, blocks = _tokens(2 * CHUNK, 9), range(2 * CHUNK // BLOCK)
+        w.fill(blocks, seed=9)
+        expected = w.blocks_bytes(blocks)
+        server.freeze()
+        meta = KVConnMetadata(stores=[_spec("g-store", toks, blocks)])
+        w.adapter.start_transfers(meta)
+        t0 = time.monotonic()
+        w.adapter.wait_for_save(meta)
+        assert time.monotonic() - t0 < 10, "wait_for_save waited on the frozen server"
+        assert w.adapter.stores.in_flight == 1  # staged, waiting for its slots
+        w.poison(blocks)  # vLLM reuses the blocks: the staged copy must not care
+        os.killpg(server.process.pid, signal.SIGCONT)
+        assert w.adapter.wait_stores_idle(60)
+        assert w.adapter.stats.data.get("stored_chunks") == 2
+        dst = range(32, 32 + len(blocks))
+        assert _lookup(server, "g-load", toks) == 2
+        _, errors = w.load(_spec("g-load", toks, dst))
+        assert errors == set()
+        for t, ref in zip(w.kv, expected, strict=True):
+            assert torch.equal(t[dst.start:dst.stop].view(torch.uint8), ref.view(torch.uint8))
+    finally:
+        if server.process is not None:
+            os.killpg(server.process.pid, signal.SIGCONT)
+        w.close()
