@@ -47,6 +47,17 @@ def _cpu_tokens(sub: KVEventSubscriber) -> list[list[int]]:
     return [e.token_ids for e in sub.stored("CPU")]
 
 
+def _until(base, sub: KVEventSubscriber, pred, tries: int = 20) -> bool:
+    """Wait for ``pred()`` on the events received. Events go out with engine steps and
+    stores settle in the background: a commit confirmed after a request's last step is
+    announced at the next step, so a short request (stores nothing) drives one."""
+    for i in range(tries):
+        if sub.wait_for(lambda _: pred(), 3) and pred():
+            return True
+        _complete(base, _prompt(20, 100 + i))
+    return pred()
+
+
 def test_events_reset_and_request_params_on_vllm_serve(tiny_model, lmcache_server_factory,
                                                        tmp_path):
     server = lmcache_server_factory()
@@ -65,7 +76,7 @@ def test_events_reset_and_request_params_on_vllm_serve(tiny_model, lmcache_serve
             assert _stats(first)["num_lmcache_cached_tokens"] == 0
             # The router sees A's two chunks in the CPU tier, under vLLM's block hashes:
             # the same hashes as vLLM's own GPU events for those blocks.
-            sub.wait_for(lambda _: len(sub.stored("CPU")) >= 2, 60)
+            assert _until(base, sub, lambda: len(sub.stored("CPU")) >= 2)
             cpu = sub.stored("CPU")
             assert _cpu_tokens(sub) == [a[:CHUNK], a[CHUNK:2 * CHUNK]]
             gpu = {h for e in sub.stored("GPU") for h in e.block_hashes}
@@ -87,7 +98,7 @@ def test_events_reset_and_request_params_on_vllm_serve(tiny_model, lmcache_serve
             # skip_save: B is never stored; C (plain, sent after B) is.
             _complete(base, b, {"lmcache.skip_save": True})
             _complete(base, c, {"lmcache.max_offload_tokens": 300, "lmcache.tag.team": "x"})
-            sub.wait_for(lambda _: c[:CHUNK] in _cpu_tokens(sub), 60)
+            assert _until(base, sub, lambda: c[:CHUNK] in _cpu_tokens(sub))
             assert b[:CHUNK] not in _cpu_tokens(sub)
             assert c[CHUNK:2 * CHUNK] not in _cpu_tokens(sub)  # capped at 300 -> one chunk
             # A bad value is ignored (defaults apply), the request still succeeds.
@@ -103,11 +114,7 @@ def test_events_reset_and_request_params_on_vllm_serve(tiny_model, lmcache_serve
             assert _stats(after)["num_lmcache_cached_tokens"] == 0
             assert after["choices"][0]["text"] == first["choices"][0]["text"]
             removed = lambda: {h for r in sub.removed("CPU") for h in r.block_hashes}  # noqa: E731
-            for _ in range(20):  # a removal record may land after that request's steps
-                if sub.wait_for(lambda _: removed() >= announced, 3) and removed() >= announced:
-                    break
-                _complete(base, _prompt(20, 5))
-            assert removed() >= announced
+            assert _until(base, sub, lambda: removed() >= announced)
         finally:
             sub.close()
     log = (tmp_path / "serve.log").read_text()
