@@ -41,10 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep-logs", action="store_true", help="keep server/engine logs")
     ap.add_argument("--connector-config", type=json.loads, default={},
                     help="extra kv_connector_extra_config entries (JSON)")
-    ap.add_argument("--dtype", default="bfloat16", help="engine dtype")
+    ap.add_argument("--dtype", default=ChaosConfig.dtype, help="engine dtype (float32: "
+                    "exact token comparison; bfloat16 may need --tie-margin)")
     ap.add_argument("--tie-margin", type=float, default=ChaosConfig.tie_margin,
                     help="baseline top-1/top-2 logprob margin below which a changed token "
-                    "counts as a numerical near-tie (0: every changed token is a failure)")
+                    "counts as a numerical near-tie (default 0: every changed token is a failure)")
     ap.add_argument("--control", action="store_true", help="run each plan's requests on "
                     "the no-connector engine without faults instead (checks the checker)")
     ns = ap.parse_args(argv)
