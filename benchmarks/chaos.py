@@ -29,6 +29,13 @@ from tests.helpers.chaos_plan import FAULT_KINDS, plan_episode
 RESULTS = Path(__file__).parent / "results" / "chaos.txt"
 
 
+def _phases(rec: dict) -> str:
+    """Where an episode's time went: baseline, warm-up stores, requests, heal, lock wait."""
+    keys = (("b", "baseline_s"), ("w", "warm_s"), ("e", "episode_s"), ("h", "heal_s"),
+            ("l", "lock_wait_s"))
+    return " ".join(f"{k}{rec[v]:.0f}" for k, v in keys if rec.get(v) is not None)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--episodes", type=int, default=20)
@@ -68,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"episode {seed} {plan.label:<28} fired={','.join(rec.get('fired', []))}"
                   f" reqs={rec.get('n_requests', 0)} max_lat={rec.get('max_latency_s', 0):.1f}s"
                   f" stall={rec.get('stall_s', 0):.2f}s pre={rec.get('preemptions', 0)}"
-                  f" t={rec['total_s']:.0f}s: {fails}",
+                  f" t={rec['total_s']:.0f}s ({_phases(rec)}): {fails}",
                   flush=True)
             for t in rec.get("near_ties", []):
                 print(f"    near tie (not a failure): {t}", flush=True)

@@ -355,11 +355,13 @@ class ChaosRig:
             self.start_engine()
         engine = self.engine
         self.ensure_baseline(plan)
+        rec["baseline_s"] = time.monotonic() - t_start
         warm = [{"id": f"w{plan.seed}x{i}", "prompt": p, "max_tokens": 1}
                 for i, p in enumerate(plan.warm)]
         engine.request({"cmd": "episode", "requests": warm, "bound_s": cfg.bound_s,
                         "canary": False}, cfg.bound_s + 60)
         engine.request({"cmd": "reset_prefix_cache"}, 30)
+        rec["warm_s"] = time.monotonic() - t_start - rec["baseline_s"]
         log_offset = engine.log_offset()
         self.proxy.arm(self.proxy_faults(plan.faults), seed=plan.seed)
         t_ep = time.monotonic()
