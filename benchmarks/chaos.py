@@ -29,6 +29,13 @@ from tests.helpers.chaos_plan import FAULT_KINDS, plan_episode
 RESULTS = Path(__file__).parent / "results" / "chaos.txt"
 
 
+def _phases(rec: dict) -> str:
+    """Where an episode's time went: baseline, warm-up stores, requests, heal, lock wait."""
+    keys = (("b", "baseline_s"), ("w", "warm_s"), ("e", "episode_s"), ("h", "heal_s"),
+            ("l", "lock_wait_s"))
+    return " ".join(f"{k}{rec[v]:.0f}" for k, v in keys if rec.get(v) is not None)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--episodes", type=int, default=20)
@@ -41,10 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep-logs", action="store_true", help="keep server/engine logs")
     ap.add_argument("--connector-config", type=json.loads, default={},
                     help="extra kv_connector_extra_config entries (JSON)")
-    ap.add_argument("--dtype", default="bfloat16", help="engine dtype")
+    ap.add_argument("--dtype", default=ChaosConfig.dtype, help="engine dtype (float32: "
+                    "exact token comparison; bfloat16 may need --tie-margin)")
     ap.add_argument("--tie-margin", type=float, default=ChaosConfig.tie_margin,
                     help="baseline top-1/top-2 logprob margin below which a changed token "
-                    "counts as a numerical near-tie (0: every changed token is a failure)")
+                    "counts as a numerical near-tie (default 0: every changed token is a failure)")
     ap.add_argument("--control", action="store_true", help="run each plan's requests on "
                     "the no-connector engine without faults instead (checks the checker)")
     ns = ap.parse_args(argv)
@@ -67,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"episode {seed} {plan.label:<28} fired={','.join(rec.get('fired', []))}"
                   f" reqs={rec.get('n_requests', 0)} max_lat={rec.get('max_latency_s', 0):.1f}s"
                   f" stall={rec.get('stall_s', 0):.2f}s pre={rec.get('preemptions', 0)}"
-                  f" t={rec['total_s']:.0f}s: {fails}",
+                  f" t={rec['total_s']:.0f}s ({_phases(rec)}): {fails}",
                   flush=True)
             for t in rec.get("near_ties", []):
                 print(f"    near tie (not a failure): {t}", flush=True)

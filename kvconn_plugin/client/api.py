@@ -206,6 +206,13 @@ class LMCacheClient:
     def commit_retrieve_async(self, key: CacheKey, instance_id: int) -> ReplyFuture:
         return self._transfer(Op.COMMIT_RETRIEVE, key, instance_id)
 
+    def prepare_retrieve_within(self, key: CacheKey, instance_id: int,
+                                timeout: float) -> PrepareRetrieveReply:
+        """PREPARE_RETRIEVE waited for up to ``timeout`` (fails at once with no connection)."""
+        fut = self.transport.submit(Op.PREPARE_RETRIEVE, key, instance_id, timeout=timeout,
+                                    wait_for_peer=False)
+        return wait(fut, Op.PREPARE_RETRIEVE, timeout)  # type: ignore[return-value]
+
     # Blocking forms (tools, tests, benchmarks): like every blocking call, they wait for a
     # connection until their deadline.
 

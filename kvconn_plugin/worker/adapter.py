@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from kvconn_plugin.client.api import LMCacheClient
 from kvconn_plugin.client.reply_future import ReplyFuture
 from kvconn_plugin.config import KVConnConfig
-from kvconn_plugin.errors import KVConnError, KVConnTransferError
+from kvconn_plugin.errors import KVConnError, KVConnProtocolError, KVConnTransferError
 from kvconn_plugin.kv_formats import check_kv_caches
 from kvconn_plugin.kv_groups import SINGLE, KVGroups
 from kvconn_plugin.metadata import KVConnMetadata, TransferSpec
@@ -211,6 +211,9 @@ class WorkerAdapter:
                     prepared = session.client.prepare_retrieve_async(plan.key, session.instance_id)
                 except KVConnError as exc:
                     error = exc
+                    if not isinstance(exc, KVConnProtocolError):
+                        # The lookup's read locks on this range stay until a COMMIT_RETRIEVE.
+                        session.unsettled.add(plan.key if plan else session.key(spec), exc)
             fut = self._loader.submit(self._load_one, spec, plan, prepared, error)
             with self._lock:
                 self._loads[spec.request_id] = fut

@@ -31,6 +31,7 @@ from kvconn_plugin.parallel import KVRanks
 from kvconn_plugin.stats import KVConnStats
 from kvconn_plugin.utils import PeriodicTask, RateLimitedLog
 from kvconn_plugin.worker.chunk_copy import ChunkCopier
+from kvconn_plugin.worker.unsettled_loads import UnsettledLoads
 
 logger = logging.getLogger(__name__)
 _warn = RateLimitedLog(logger, interval=30.0)
@@ -92,6 +93,9 @@ class ServerSession:
         # Store (engine thread) and load (load thread) may overlap; their copies share the
         # transfer object and its stream, so only the copy sections are serialized.
         self.xfer_lock = threading.Lock()
+        # Loads that failed before their COMMIT_RETRIEVE: their read locks are released
+        # by the heartbeat once the server answers again.
+        self.unsettled = UnsettledLoads()
         self._heartbeat_task = PeriodicTask("kvconn-worker-health", config.heartbeat_interval,
                                             self._heartbeat)
 
@@ -203,6 +207,8 @@ class ServerSession:
             else:
                 self._register(timeout=interval)
                 logger.info("kvconn: re-registered with LMCache server at %s", self.client.url)
+            if len(self.unsettled):
+                self.unsettled.settle(self.client, self.instance_id, interval)
         except KVConnError as exc:
             if self.healthy:
                 _warn.warning("down", "kvconn: LMCache server at %s stopped answering (%s); "
@@ -248,23 +254,27 @@ class ServerSession:
         blocks = tuple(list(g) if r == 1 else [b * r + i for b in g for i in range(r)]
                        for g in groups)
         return ChunkPlan(
-            key=CacheKey(
-                model_name=self.model_name,
-                world_size=self.ranks.world_size,
-                worker_id=self.ranks.worker_id,
-                token_ids=list(spec.token_ids),
-                start=spec.start,
-                end=spec.end,
-                request_id=spec.request_id,
-                cache_salt=spec.cache_salt,
-                num_kv_readers=self.ranks.num_kv_readers,
-            ),
+            key=self.key(spec),
             nchunks=span // chunk,
             blocks_per_chunk=chunk // self.layout.block_size,
             shape=self.slot_shape(chunk),
             blocks=blocks,
             skips=skips,
             pool=self.pool,  # a re-registration may swap it; slots belong to this one
+        )
+
+    def key(self, spec: TransferSpec) -> CacheKey:
+        """The server key of this worker's share of ``spec`` (no checks)."""
+        return CacheKey(
+            model_name=self.model_name,
+            world_size=self.ranks.world_size,
+            worker_id=self.ranks.worker_id,
+            token_ids=list(spec.token_ids),
+            start=spec.start,
+            end=spec.end,
+            request_id=spec.request_id,
+            cache_salt=spec.cache_salt,
+            num_kv_readers=self.ranks.num_kv_readers,
         )
 
     def slot_shape(self, chunk: int) -> tuple[int, ...]:
@@ -297,7 +307,11 @@ class ServerSession:
         """
         t0 = time.perf_counter()
         try:
-            reply = wait(prepared, Op.PREPARE_RETRIEVE, self.config.transfer_timeout)
+            try:
+                reply = wait(prepared, Op.PREPARE_RETRIEVE, self.config.transfer_timeout)
+            except KVConnError as exc:
+                self.unsettled.add(plan.key, exc)  # no COMMIT follows: release the locks later
+                raise
             if not reply.success:
                 raise KVConnProtocolError("the server no longer has every chunk")
             try:

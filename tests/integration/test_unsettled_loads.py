@@ -1,0 +1,72 @@
+"""A load whose PREPARE_RETRIEVE failed on our side leaves the lookup's read locks on a real
+LMCache server; ``UnsettledLoads`` releases them exactly once, whatever became of that
+PREPARE_RETRIEVE (found by the chaos harness: a SIGSTOP or a freeze with PREPARE_RETRIEVE in
+flight left read locks until the server's 300 s TTL)."""
+
+from __future__ import annotations
+
+import uuid
+
+import msgspec
+import pytest
+
+from kvconn_plugin.client.api import LMCacheClient
+from kvconn_plugin.client.protocol import CacheKey
+from kvconn_plugin.errors import KVConnInFlightLost, KVConnTimeout, KVConnUnavailable
+from kvconn_plugin.worker.unsettled_loads import UnsettledLoads
+from tests.helpers.seed import CHUNK, seed_server, server_lock_counts
+
+pytestmark = pytest.mark.lmcache_server
+
+MODEL = "kvt/unsettled"
+
+
+def _locked_lookup(client: LMCacheClient, tokens: list[int], n_chunks: int) -> CacheKey:
+    """LOOKUP + QUERY like the scheduler (read locks taken); returns the scheduler's key."""
+    key = CacheKey(model_name=MODEL, world_size=1, worker_id=None, token_ids=tokens, start=0,
+                   end=n_chunks * CHUNK, request_id=f"req-{uuid.uuid4().hex[:8]}")
+    assert client.lookup(key) == n_chunks
+    return key
+
+
+@pytest.mark.parametrize("fate", ["never_sent", "carried_out_late", "reported_twice"])
+def test_failed_load_releases_lookup_locks_once(lmcache_server, fate):
+    tokens = list(range(100, 100 + 2 * CHUNK))
+    iid = seed_server(lmcache_server.url, MODEL, tokens)  # registered with the right layout
+    with LMCacheClient(lmcache_server.url, control_timeout=10.0, transfer_timeout=10.0) as c:
+        # Another request holds locks on the same chunks: our recovery must leave them.
+        other = _locked_lookup(c, tokens, 2)
+        key = msgspec.structs.replace(_locked_lookup(c, tokens, 2), worker_id=0)
+        # /status counts read-locked objects (twice each, in two places), not readers.
+        assert server_lock_counts(lmcache_server) == (4, 0)
+        unsettled = UnsettledLoads()
+        if fate == "never_sent":
+            unsettled.add(key, KVConnUnavailable("no connection"))
+        else:
+            # The server carried it out and parked the keys for a COMMIT that never came.
+            assert c.prepare_retrieve(key, iid).success
+            unsettled.add(key, KVConnInFlightLost("aborted by the heartbeat"))
+            if fate == "reported_twice":
+                unsettled.add(key, KVConnTimeout("the same load again"))
+        assert unsettled.settle(c, iid, timeout=10.0) == 1
+        assert len(unsettled) == 0
+        c.ping(None, timeout=10.0)  # the async COMMIT_RETRIEVE went out before this
+        # The other request still holds its locks (a second release would have dropped
+        # them) ...
+        assert server_lock_counts(lmcache_server) == (4, 0)
+        # ... and once it frees them nothing is locked: ours were released, exactly once.
+        c.free_lookup_locks(other)
+        c.end_session(other.request_id)
+        c.end_session(key.request_id)
+        assert server_lock_counts(lmcache_server) == (0, 0)
+
+
+def test_unanswered_settle_is_retried_then_left_to_the_ttl():
+    unsettled = UnsettledLoads()
+    key = CacheKey(model_name=MODEL, world_size=1, worker_id=0, token_ids=list(range(CHUNK)),
+                   start=0, end=CHUNK, request_id="r")
+    unsettled.add(key, KVConnTimeout("x"))
+    with LMCacheClient("tcp://127.0.0.1:9", control_timeout=0.2, transfer_timeout=0.2) as c:
+        for _ in range(3):
+            assert unsettled.settle(c, 1, timeout=0.2) == 0
+    assert len(unsettled) == 0
