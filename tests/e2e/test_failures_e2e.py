@@ -43,7 +43,7 @@ CHILD = textwrap.dedent('''
     def main():
         spec = json.loads(Path(sys.argv[1]).read_text())
         d = Path(spec["dir"])
-        llm = LLM(model=spec["model"], dtype="bfloat16", max_model_len=4096, enforce_eager=True,
+        llm = LLM(model=spec["model"], dtype="float32", max_model_len=4096, enforce_eager=True,
                   seed=0, kv_transfer_config=KVTransferConfig(**spec["kvt"]))
         sp = SamplingParams(temperature=0.0, max_tokens=8)
         def gen(prompts):
@@ -86,7 +86,9 @@ def _phased_run(tmp_path: Path, server, seed: int, after_phase1, after_phase2,
             "a": a, "b": b, "c": c, "settle_s": 4}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     (tmp_path / "child.py").write_text(CHILD)
-    baseline = run_engine(model, a + b + c, max_tokens=8, log_path=tmp_path / "base.log")
+    # float32 on both sides: bf16 near-ties would compare vLLM's batching, not the cache.
+    baseline = run_engine(model, a + b + c, max_tokens=8, log_path=tmp_path / "base.log",
+                          engine_args={"dtype": "float32"})
     with open(tmp_path / "child.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, str(tmp_path / "child.py"),
                                  str(tmp_path / "spec.json")],
