@@ -376,34 +376,57 @@ class _ServerExited(RuntimeError):
     pass
 
 
+class _ServerRegistry:
+    """Every server the session started, and one log folder for all of them."""
+
+    def __init__(self) -> None:
+        self.log_dir = Path(tempfile.mkdtemp(prefix="kvconn-lmcache-logs-"))
+        self.servers: list[LMCacheServer] = []
+
+    def start(self, **kwargs: object) -> LMCacheServer:
+        server = LMCacheServer(log_dir=self.log_dir, **kwargs)  # type: ignore[arg-type]
+        self.servers.append(server)
+        return server.start()
+
+
 @pytest.fixture(scope="session")
+def _lmcache_servers(request: pytest.FixtureRequest) -> Iterator[_ServerRegistry]:
+    registry = _ServerRegistry()
+    try:
+        yield registry
+    finally:
+        for server in registry.servers:
+            server.kill()
+        if request.session.testsfailed:
+            sys.stderr.write(f"\nLMCache server logs kept in {registry.log_dir}\n")
+        else:
+            shutil.rmtree(registry.log_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
 def lmcache_server_factory(
-    request: pytest.FixtureRequest,
+    _lmcache_servers: _ServerRegistry,
 ) -> Iterator[Callable[..., LMCacheServer]]:
     """Start real LMCache servers: ``factory(shm=True, chunk_size=None, transfer_mode="auto",
-    l1_size_gb=1, extra_args=())``. All are killed at the end of the session; their logs
-    are kept (and their paths printed) when any test failed."""
-    log_dir = Path(tempfile.mkdtemp(prefix="kvconn-lmcache-logs-"))
-    servers: list[LMCacheServer] = []
+    l1_size_gb=1, extra_args=())``. Each is killed when its test module ends: an idle server
+    still costs a few percent of a core and its L1, and a whole suite starts dozens. Logs are
+    kept (and their folder printed) when any test failed."""
+    mine: list[LMCacheServer] = []
 
     def start(**kwargs: object) -> LMCacheServer:
-        server = LMCacheServer(log_dir=log_dir, **kwargs)  # type: ignore[arg-type]
-        servers.append(server)
-        return server.start()
+        server = _lmcache_servers.start(**kwargs)
+        mine.append(server)
+        return server
 
     try:
         yield start
     finally:
-        for server in servers:
+        for server in mine:
             server.kill()
-        if request.session.testsfailed:
-            sys.stderr.write(f"\nLMCache server logs kept in {log_dir}\n")
-        else:
-            shutil.rmtree(log_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
-def lmcache_server(lmcache_server_factory: Callable[..., LMCacheServer]) -> LMCacheServer:
+def lmcache_server(_lmcache_servers: _ServerRegistry) -> LMCacheServer:
     """The shared default server: engine-driven and lmcache-driven ops, SHM pool, 1 GiB L1,
     chunk size 256. Tests that kill or restart a server must use the factory instead."""
-    return lmcache_server_factory()
+    return _lmcache_servers.start()
