@@ -84,7 +84,7 @@ class SchedulerAdapter:
         self._reclear: set[str] = set()
         self._health = _ServerHealth(self, config.heartbeat_interval)
         self._health.check_now(wait=config.connect_timeout)
-        if self.chunk_size is None:
+        if self.chunk_size is None and self._health.disabled_reason is None:
             if config.require_server:
                 self.client.close()
                 raise KVConnError(

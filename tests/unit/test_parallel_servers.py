@@ -86,3 +86,14 @@ def test_accepted_layouts():
     # One server takes any layout.
     check_topology(parse_config({}, env={}), world_size=3, pipeline_parallel_size=3,
                    data_parallel_size=2)
+
+
+def test_connector_refuses_a_layout_at_start_up():
+    from tests.helpers.connector_config import CONNECTOR, MODULE_PATH
+    from tests.helpers.sched_harness import make_scheduler, make_vllm_config
+
+    cfg = make_vllm_config(connector=CONNECTOR, module_path=MODULE_PATH, extra_config={
+        "lmcache.mp.server_urls": ["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"],
+        "lmcache.mp.autostart": False})
+    with pytest.raises(KVConnConfigError, match=r"server_urls lists 2 servers .* is 1"):
+        make_scheduler(cfg)  # world size 1: nothing is connected before the refusal
