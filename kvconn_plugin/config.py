@@ -106,16 +106,24 @@ def parse_config(
                 f"lmcache.mp.autostart.server_args must not contain {forbidden}: "
                 "the connector sets it from lmcache.mp.host/port"
             )
+    urls = _server_urls(extra)
+    autostart = _bool(extra, "lmcache.mp.autostart", len(urls) == 1)
+    if autostart and len(urls) > 1:
+        # LMCache refuses this too: autostart starts one local server.
+        raise KVConnConfigError(
+            "lmcache.mp.autostart starts one local server; with several "
+            "lmcache.mp.server_urls start them yourself and set lmcache.mp.autostart=false"
+        )
     size = offloading_size_gb
     if size is not None and (not isinstance(size, (int, float)) or size <= 0):
         raise KVConnConfigError(
             f"kv_offloading_size must be a positive number of GiB, got {size!r}"
         )
     return KVConnConfig(
-        server_urls=_server_urls(extra),
+        server_urls=urls,
         control_timeout=_positive(extra, "lmcache.mp.mq_timeout", 5.0, cap=30.0),
         heartbeat_interval=_positive(extra, "lmcache.mp.heartbeat_interval", 10.0),
-        autostart=_bool(extra, "lmcache.mp.autostart", True),
+        autostart=autostart,
         autostart_server_args=args,
         autostart_wait_timeout=_positive(extra, "lmcache.mp.autostart.wait_timeout", 90.0),
         offloading_size_gb=float(size) if size is not None else None,
@@ -132,6 +140,34 @@ def parse_config(
         kv_events_hashes=_choice(extra, "kvconn.kv_events_hashes", ("vllm", "lmcache"), "vllm"),
         extra=extra,
     )
+
+
+def check_topology(config: KVConnConfig, *, world_size: int, pipeline_parallel_size: int = 1,
+                   data_parallel_size: int = 1) -> None:
+    """Refuse the parallel layouts several servers cannot serve, as LMCache's connector
+    does: ranks go to servers in contiguous blocks of ``world_size // n`` (so ``n`` must
+    divide the world size), and neither pipeline nor data parallelism is supported with
+    more than one server. One server accepts any layout."""
+    n = len(config.server_urls)
+    if n <= 1:
+        return
+    if pipeline_parallel_size > 1:
+        raise KVConnConfigError(
+            f"lmcache.mp.server_urls lists {n} servers, which supports tensor parallelism "
+            f"only, not pipeline parallelism (pipeline_parallel_size={pipeline_parallel_size});"
+            " list one server"
+        )
+    if data_parallel_size > 1:
+        raise KVConnConfigError(
+            f"lmcache.mp.server_urls lists {n} servers, which does not support data "
+            f"parallelism (data_parallel_size={data_parallel_size}); list one server"
+        )
+    if world_size % n:
+        raise KVConnConfigError(
+            f"lmcache.mp.server_urls lists {n} servers but the world size (tensor x pipeline "
+            f"parallel) is {world_size}: it must be a multiple of the number of servers, "
+            "each server serving a contiguous block of ranks"
+        )
 
 
 def _server_urls(extra: Mapping[str, Any]) -> tuple[str, ...]:

@@ -18,14 +18,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     SupportsHMA,
 )
 
-from kvconn_plugin.config import parse_config
+from kvconn_plugin.config import check_topology, parse_config
 from kvconn_plugin.disabled import DisabledScheduler, DisabledWorker
-from kvconn_plugin.errors import KVConnConfigError
 from kvconn_plugin.kv_formats import FormatVerdict, check_kv_cache_config
 from kvconn_plugin.kv_groups import KVGroups, describe_groups
 from kvconn_plugin.logs import attach_to_vllm_logging
 from kvconn_plugin.metadata import KVConnMetadata
-from kvconn_plugin.parallel import kv_ranks
+from kvconn_plugin.parallel import kv_ranks, num_writers
 from kvconn_plugin.scheduler.adapter import SchedulerAdapter
 from kvconn_plugin.scheduler.events import OffloadEvents
 from kvconn_plugin.stats import KVConnStats
@@ -61,13 +60,12 @@ class KVConnPluginConnector(KVConnectorBase_V1, SupportsHMA):
             kvt.kv_connector_extra_config,
             offloading_size_gb=getattr(vllm_config.cache_config, "kv_offloading_size", None),
         )
-        if len(config.server_urls) > 1:
-            raise KVConnConfigError(
-                "lmcache.mp.server_urls: the builtin connector serves one server per engine; "
-                "list one URL, or use kvconn.impl=lmcache for several"
-            )
         model = vllm_config.model_config
         pc = vllm_config.parallel_config
+        n_servers = len(config.server_urls)
+        check_topology(config, world_size=pc.world_size,
+                       pipeline_parallel_size=pc.pipeline_parallel_size,
+                       data_parallel_size=getattr(pc, "data_parallel_size", 1))
         mla = bool(getattr(model, "use_mla", False))
         # SupportsHMA keeps vLLM's hybrid KV cache manager on; kv_groups says whether every
         # group it creates can be moved (and turns the cache off, not vLLM, when not).
@@ -99,23 +97,25 @@ class KVConnPluginConnector(KVConnectorBase_V1, SupportsHMA):
                 # this right after building the scheduler connector.
                 kvt.kv_load_failure_policy = "recompute"
             ranks = kv_ranks(mla=mla, world_size=pc.world_size, rank=0,
-                             tp_size=pc.tensor_parallel_size)
+                             tp_size=pc.tensor_parallel_size, n_servers=n_servers)
             self._scheduler = SchedulerAdapter(config, model_name=model_name, ranks=ranks,
                                                block_size=block_size, groups=groups)
             if events_on:
                 self._events = OffloadEvents(
                     block_size=block_size,
-                    writers=pc.world_size // (pc.tensor_parallel_size if mla else 1),
+                    writers=num_writers(mla=mla, world_size=pc.world_size,
+                                        tp_size=pc.tensor_parallel_size, n_servers=n_servers),
                     hash_block_size=getattr(kv_cache_config, "hash_block_size", None),
                     hashes=config.kv_events_hashes,
                 )
+                # With several servers, evictions are followed on the first one only.
                 self._events.start_stream(
-                    self._scheduler.client.url, model_name,
+                    config.server_urls[0], model_name,
                     interval=config.heartbeat_interval, control_timeout=config.control_timeout,
                 )
         else:
             ranks = kv_ranks(mla=mla, world_size=pc.world_size, rank=_global_rank(pc),
-                             tp_size=pc.tensor_parallel_size)
+                             tp_size=pc.tensor_parallel_size, n_servers=n_servers)
             self._worker = WorkerAdapter(
                 config, model_name=model_name, ranks=ranks, block_size=block_size,
                 head_size=int(model.get_head_size()), kv_split="mla" if mla else "fused",

@@ -20,6 +20,10 @@ class KVConnTimeout(KVConnError, TimeoutError):
     """A server call got no reply within its deadline; its outcome is unknown."""
 
 
+class KVConnChunkSizeMismatch(KVConnError):
+    """Servers of one engine report different chunk sizes: the cache cannot be used."""
+
+
 class KVConnProtocolError(KVConnError):
     """A reply (or shared-memory descriptor) did not match the protocol."""
 

@@ -71,6 +71,11 @@ class LMCacheClient:
         """Send what ``*_async`` calls queued under ``defer_wake``."""
         self.transport.flush()
 
+    @property
+    def connected(self) -> bool:
+        """Whether a connection to the server is up now."""
+        return self.transport.connected
+
     def __enter__(self) -> LMCacheClient:
         return self
 
@@ -104,6 +109,10 @@ class LMCacheClient:
     def clear(self, force: bool = False) -> None:
         self._call(Op.CLEAR, force)
 
+    def clear_async(self, force: bool = False) -> ReplyFuture:
+        return self.transport.submit(Op.CLEAR, force, timeout=self.control_timeout,
+                                     wake=self._wake)
+
     # ------------------------------------------------------------------ scheduler side
 
     def lookup_async(
@@ -120,14 +129,16 @@ class LMCacheClient:
 
     def query_prefetch_status_async(
         self, request_id: str, timeout: float | None = None, wait_for_peer: bool = False,
+        wake: bool | None = None,
     ) -> ReplyFuture:
         """Future of the hit count in chunks, or ``None`` while the server still prefetches.
 
-        The server reports a result exactly once; a second query answers 0.
+        The server reports a result exactly once; a second query answers 0. ``wake=True``
+        sends it now even under ``defer_wake`` (from the I/O thread's ack callback).
         """
         return self.transport.submit(
             Op.QUERY_PREFETCH_STATUS, request_id, timeout=timeout or self.control_timeout,
-            wake=self._wake, wait_for_peer=wait_for_peer,
+            wake=self._wake if wake is None else wake, wait_for_peer=wait_for_peer,
         )
 
     def free_lookup_locks_async(self, key: CacheKey, tp_size: int = 1) -> ReplyFuture:

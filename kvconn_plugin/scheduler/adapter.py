@@ -17,13 +17,14 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from kvconn_plugin.client.api import LMCacheClient
-from kvconn_plugin.client.protocol import CacheKey, Op
+from kvconn_plugin.client.protocol import CacheKey
 from kvconn_plugin.config import KVConnConfig
-from kvconn_plugin.errors import KVConnError
+from kvconn_plugin.errors import KVConnChunkSizeMismatch, KVConnError
 from kvconn_plugin.kv_groups import NULL_BLOCK_ID, SINGLE, KVGroups
 from kvconn_plugin.metadata import KVConnMetadata, TransferSpec
 from kvconn_plugin.parallel import KVRanks
 from kvconn_plugin.request_params import RequestControls
+from kvconn_plugin.scheduler.fleet import ServerFleet, scheduler_client
 from kvconn_plugin.scheduler.tracker import LookupState, RequestTracker
 from kvconn_plugin.stats import KVConnStats
 from kvconn_plugin.utils import PeriodicTask, RateLimitedLog
@@ -51,7 +52,8 @@ class SchedulerAdapter:
         ranks: KV world size and readers, as the workers register them.
         block_size: vLLM (manager) block size in tokens.
         groups: the KV cache groups the cache moves (several for a hybrid model).
-        client: injected client (tests); otherwise one is built for the configured server.
+        client: injected client (tests); otherwise one is built for the configured server,
+            or a ``ServerFleet`` (same calls, fanned out) for several.
     """
 
     def __init__(
@@ -62,20 +64,14 @@ class SchedulerAdapter:
         ranks: KVRanks,
         block_size: int,
         groups: KVGroups = SINGLE,
-        client: LMCacheClient | None = None,
+        client: LMCacheClient | ServerFleet | None = None,
     ):
         self.config = config
         self.model_name = model_name
         self.ranks = ranks
         self.block_size = block_size
         self.groups = groups
-        self.client = client or LMCacheClient(
-            config.server_urls[0],
-            control_timeout=config.control_timeout,
-            transfer_timeout=config.transfer_timeout,
-            defer_wake=True,
-            heartbeat=config.heartbeat_interval,
-        )
+        self.client = client or scheduler_client(config)
         self.chunk_size: int | None = None
         self._trackers: dict[str, RequestTracker] = {}
         self._closing: dict[str, tuple[RequestTracker, float]] = {}
@@ -88,7 +84,7 @@ class SchedulerAdapter:
         self._reclear: set[str] = set()
         self._health = _ServerHealth(self, config.heartbeat_interval)
         self._health.check_now(wait=config.connect_timeout)
-        if self.chunk_size is None:
+        if self.chunk_size is None and self._health.disabled_reason is None:
             if config.require_server:
                 self.client.close()
                 raise KVConnError(
@@ -113,7 +109,7 @@ class SchedulerAdapter:
         return (
             self._health.healthy
             and self.chunk_size is not None
-            and self.client.transport.connected
+            and self.client.connected
         )
 
     def bind_kv_cache_manager(self, manager: Any) -> None:
@@ -173,8 +169,7 @@ class SchedulerAdapter:
 
     def _query_now(self, request_id: str):
         # From the I/O thread's ack callback: wake it for this one (it is awake anyway).
-        return self.client.transport.submit(
-            Op.QUERY_PREFETCH_STATUS, request_id, timeout=self.client.control_timeout)
+        return self.client.query_prefetch_status_async(request_id, wait_for_peer=True, wake=True)
 
     def get_num_new_matched_tokens(
         self, request: Any, num_computed_tokens: int
@@ -536,8 +531,7 @@ class SchedulerAdapter:
                          or ((tr := get(rid)) is not None and (tr.loading or tr.in_flight))}
         if not self._reclear and self.healthy:
             with contextlib.suppress(KVConnError):
-                self.client.transport.submit(Op.CLEAR, False, timeout=self.client.control_timeout,
-                                             wake=False)
+                self.client.clear_async(False)
 
     def get_stats(self) -> KVConnStats | None:
         return self.stats.take()
@@ -580,6 +574,9 @@ class _ServerHealth:
         try:
             owner.client.ping(None, timeout=wait)
             chunk = owner.client.get_chunk_size(timeout=wait)
+        except KVConnChunkSizeMismatch as exc:
+            self._disable(str(exc))
+            return
         except KVConnError as exc:
             if self.healthy:
                 _warn.warning("server-down", "kvconn: LMCache server at %s unreachable (%s); "
