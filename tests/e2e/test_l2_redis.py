@@ -6,7 +6,6 @@ for what L1 lacks, loading those chunks into L1 before it answers (read in lmcac
 ``LookupModule.lookup`` -> ``StorageManager.submit_prefetch_task`` with ``skip_l2=False``).
 So a fresh engine on server 2 hits what an engine on server 1 stored, and server 1, killed
 with SIGKILL and restarted with an empty L1, serves the same prompts again from Redis.
-A shared directory (the ``fs`` adapter) gets the cross-server part only.
 Every engine is our connector (``KVCONN_IMPL=builtin``) in float32, and its greedy tokens
 must equal a run without any connector.
 """
@@ -16,7 +15,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import shutil
 import time
 from pathlib import Path
 
@@ -93,76 +91,58 @@ def _last_start(server) -> str:
     return server.log_path.read_text(errors="replace").rsplit("\n==== ", 1)[-1]
 
 
-def _wait_for_l2(count, n: int, timeout: float = 60.0) -> int:
-    """LMCache copies L1 to L2 in the background: wait until the tier holds ``n`` objects."""
+def _wait_for_l2(redis, n: int, timeout: float = 60.0) -> int:
+    """LMCache copies L1 to L2 in the background: wait until Redis holds ``n`` keys."""
     deadline = time.monotonic() + timeout
-    while (size := count()) < n and time.monotonic() < deadline:
+    while (size := redis.dbsize()) < n and time.monotonic() < deadline:
         time.sleep(0.2)
     return size
 
 
-def _l2_tier(kind: str, request: pytest.FixtureRequest, tmp_path: Path):
-    """The ``--l2-adapter`` JSON both servers get, and a counter of the objects stored."""
-    if kind == "resp":
-        redis = request.getfixturevalue("redis_server")
-        spec = {"type": "resp", "host": redis.host, "port": redis.port, "num_workers": 2}
-        return json.dumps(spec), redis.dbsize
-    base = tmp_path / "l2-fs"  # one directory both servers see (across nodes: a shared mount)
-    request.addfinalizer(lambda: shutil.rmtree(base, ignore_errors=True))
-    return json.dumps({"type": "fs", "base_path": str(base)}), (
-        lambda: len(list(base.glob("*.data"))))
-
-
-# Redis gets the whole story; the shared directory (LMCache's "fs" adapter) only the
-# cross-server hit, to keep its cost at two engine runs.
-@pytest.mark.parametrize("kind", [pytest.param("resp", marks=pytest.mark.redis), "fs"])
-def test_second_server_and_restarted_server_hit_through_l2(
-    kind, tiny_model, baseline, lmcache_server_factory, request, tmp_path,
+def test_second_server_and_restarted_server_hit_through_redis(
+    tiny_model, baseline, redis_server, lmcache_server_factory, tmp_path,
 ):
-    l2, count = _l2_tier(kind, request, tmp_path)
+    l2 = json.dumps({"type": "resp", "host": redis_server.host, "port": redis_server.port,
+                     "num_workers": 2})
     s1 = lmcache_server_factory(l1_size_gb=0.5, extra_args=("--l2-adapter", l2))
     s2 = lmcache_server_factory(l1_size_gb=0.5, extra_args=("--l2-adapter", l2))
     try:
-        _check(kind, tiny_model, baseline, (s1, s2), count, tmp_path / "engines.log")
+        _check(tiny_model, baseline, s1, s2, redis_server, tmp_path / "engines.log")
     finally:  # the factory would keep them (and their 0.5 GiB pools) until the session ends
         s1.kill()
         s2.kill()
 
 
-def _check(kind, model, baseline, servers, count, log: Path) -> None:
-    s1, s2 = servers
-    report: dict[str, object] = {"l2": kind}
+def _check(model: Path, baseline: dict, s1, s2, redis, log: Path) -> None:
+    report: dict[str, object] = {}
     # Engine A on server 1: nothing cached anywhere yet; it stores every full chunk.
     a = _run(model, s1, log)
     assert _ids(a) == _ids(baseline), "engine A changed tokens while storing"
     assert _cached(a)[0] == 0
-    report["l2_objects"] = stored = _wait_for_l2(count, L2_OBJECTS)
-    assert stored >= L2_OBJECTS, f"server 1 copied {stored} of {L2_OBJECTS} chunks to L2"
+    report["redis_keys"] = keys = _wait_for_l2(redis, L2_OBJECTS)
+    assert keys >= L2_OBJECTS, f"server 1 copied {keys} of {L2_OBJECTS} chunks to Redis"
 
     # Engine B on server 2, which has never seen these prompts: its first prompt can only
-    # hit through L2; later ones get the shared prefix from vLLM's own prefix cache and
-    # their own chunk through L2, so every prompt is cached up to its last full chunk.
+    # hit through Redis; later ones get the shared prefix from vLLM's own prefix cache and
+    # their own chunk through Redis, so every prompt is cached up to its last full chunk.
     b = _run(model, s2, log)
     report["B_cached"] = _cached(b)
     report["server2_l1_l2_chunks"] = s2_hits = _prefetch_hits(_last_start(s2))
     assert _ids(b) == _ids(baseline), "engine B changed tokens loading from L2"
     assert _cached(b) == [FULL_CHUNKS * CHUNK] * N_PROMPTS, report
-    assert s2_hits[1] >= L2_OBJECTS, report  # every stored chunk came out of L2
-    engines = 2
+    assert s2_hits[1] >= L2_OBJECTS, report  # every stored chunk came out of Redis
 
-    if kind == "resp":
-        # kill -9 server 1, start it again on the same address: an empty L1, the same L2.
-        s1.kill_hard()
-        s1.start(new_ports=False)
-        c = _run(model, s1, log)
-        report["C_cached"] = _cached(c)
-        report["server1_restarted_l1_l2_chunks"] = s1_hits = _prefetch_hits(_last_start(s1))
-        assert _ids(c) == _ids(baseline), "engine C changed tokens loading from L2"
-        assert _cached(c) == [FULL_CHUNKS * CHUNK] * N_PROMPTS, report
-        assert s1_hits[1] >= L2_OBJECTS, report
-        engines += 1
+    # kill -9 server 1, start it again on the same address: an empty L1, the same Redis.
+    s1.kill_hard()
+    s1.start(new_ports=False)
+    c = _run(model, s1, log)
+    report["C_cached"] = _cached(c)
+    report["server1_restarted_l1_l2_chunks"] = s1_hits = _prefetch_hits(_last_start(s1))
+    assert _ids(c) == _ids(baseline), "engine C changed tokens loading from L2"
+    assert _cached(c) == [FULL_CHUNKS * CHUNK] * N_PROMPTS, report
+    assert s1_hits[1] >= L2_OBJECTS, report
 
     text = log.read_text(errors="replace")
-    assert text.count(OURS) == engines, "an engine was not served by the builtin connector"
+    assert text.count(OURS) == 3, "an engine was not served by the builtin connector"
     assert "load of" not in text, "a load failed"
-    print(f"\nL2 ({kind}): {report}")
+    print(f"\nL2 through Redis: {report}")
