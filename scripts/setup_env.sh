@@ -30,4 +30,19 @@ fi
 "${PIP[@]}" install -q --no-build-isolation --no-deps -e .
 "${PIP[@]}" install -q "pyzmq>=25" "msgspec>=0.18" pytest pytest-timeout "hypothesis>=6" numpy requests \
   "ruff==0.17.6"  # pinned, so a ruff release cannot change what the lint test reports
+
+# redis-server for the L2 tests (LMCache's "resp" adapter against a real Redis). Optional:
+# without it those tests skip with a reason, so a failed install only warns.
+if ! command -v redis-server >/dev/null 2>&1; then
+  SUDO=()
+  [ "$(id -u)" -eq 0 ] || SUDO=(sudo -n)
+  if command -v apt-get >/dev/null 2>&1 &&
+     ${SUDO[@]+"${SUDO[@]}"} apt-get update -qq &&
+     ${SUDO[@]+"${SUDO[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; then
+    echo "[setup] installed redis-server ($(redis-server --version 2>/dev/null | cut -d' ' -f3))"
+  else
+    echo "[setup] WARNING: could not install redis-server (no apt-get or no permission);" \
+         "the Redis L2 tests will be skipped" >&2
+  fi
+fi
 echo "[setup] environment ready: $VENV"

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.redis_server import RedisServer, redis_server_binary
+
 # Telemetry off for every server and engine a test starts (also inherited by children).
 os.environ.setdefault("LMCACHE_TRACK_USAGE", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -430,3 +432,22 @@ def lmcache_server(_lmcache_servers: _ServerRegistry) -> LMCacheServer:
     """The shared default server: engine-driven and lmcache-driven ops, SHM pool, 1 GiB L1,
     chunk size 256. Tests that kill or restart a server must use the factory instead."""
     return _lmcache_servers.start()
+
+
+# ---------------------------------------------------------------------------- Redis
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real ``redis-server`` on a free port, no persistence, its own directory under
+    ``tmp_path`` (removed at teardown; the log is copied to ``tmp_path``). Skips when no
+    ``redis-server`` is installed (``scripts/setup_env.sh`` installs it with apt-get)."""
+    binary = redis_server_binary()
+    if binary is None:
+        pytest.skip("redis-server is not installed (scripts/setup_env.sh installs the Debian "
+                    "package redis-server; it could not, or was not run)")
+    server = RedisServer(binary, parent_dir=tmp_path)
+    try:
+        yield server.start()
+    finally:
+        server.stop(keep_log_in=tmp_path)
