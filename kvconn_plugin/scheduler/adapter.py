@@ -230,6 +230,11 @@ class SchedulerAdapter:
         if tr is None or tr.load_from is not None:
             return  # second call after an async load completes, or unknown request
         if num_external_tokens <= 0 or tr.state is not LookupState.DONE:
+            if tr.state is LookupState.DONE and tr.hit_chunks and not tr.load_failed:
+                # vLLM's own cache covered the hit, but the server holds those chunks (maybe
+                # only in L2): storing them again would only copy them back up.
+                hit_end = min(tr.hit_chunks * (self.chunk_size or 1), tr.lookup_end)
+                tr.stored_end = max(tr.stored_end, hit_end)
             tr.load_from = -1
             self._release_locks(tr)
             return

@@ -198,3 +198,32 @@ def test_failed_load_completes_recomputed_and_is_never_offered_again(server, rep
     h.assert_empty()
     assert not sched._trackers and not sched._closing
     h.connector.shutdown()
+
+
+def test_hit_covered_by_vllms_own_cache_is_not_stored_again(server):
+    """A second request whose server hit vLLM's own prefix cache already covers plans no
+    store of those chunks: the server holds them (perhaps only in L2, where a store would
+    copy them back up to L1 and out to L2 again)."""
+    h = _harness(server)
+    toks = _tokens(700, 7)
+    _seed_server(server, h.vllm_config.model_config.model, toks)
+    h.add(h.request("first", toks))
+    _step_until(h, lambda so: _meta(so).loads)
+    h.step(finished_recving={"first"})
+    for _ in range(50):
+        h.step()
+        if not h.scheduler.has_requests():
+            break
+    h.add(h.request("second", toks))
+    stores, loads = [], []
+    for _ in range(400):
+        so, _ = h.step()
+        stores += _meta(so).stores
+        loads += _meta(so).loads
+        if not h.scheduler.has_requests():
+            break
+        time.sleep(0.002)
+    assert not loads, "vLLM's own cache had the prefix: nothing to load"
+    assert all(s.start >= 512 for s in stores), [(s.start, s.end) for s in stores]
+    h.assert_empty()
+    h.connector.shutdown()
