@@ -38,15 +38,16 @@ pytestmark = [pytest.mark.engine, pytest.mark.lmcache_server]
 
 CHUNK = 256          # the server's chunk size: 2 vLLM CPU blocks of 128 tokens
 BLOCKS = 16          # the whole KV cache (one is vLLM's null block): 1920 usable tokens,
-                     # against ~8 x 800 wanted at once
-MAX_MODEL_LEN = 1024  # the longest sequence here is 890 tokens
+                     # against ~8 x 900 wanted at once
+MAX_MODEL_LEN = 1024  # the longest sequence here is 954 tokens
 # tiny "small" Llama in float32: 128 tokens x (K, V) x 2 layers x 2 KV heads x 64 x 4 bytes
 BLOCK_BYTES = 128 * 2 * 2 * 2 * 64 * 4
 REQUESTS = 8         # per first-pass phase, all submitted at once
-MAX_TOKENS = 128     # first pass: decode grows each request by one block
+MAX_TOKENS = 192     # first pass: decode grows each request by one or two blocks
 CONT_TOKENS = 8      # second pass: tokens generated after the first pass's sequence
 BOUND_S = 60.0       # every request finishes within this
 DELAY_S = (0.05, 0.4)  # each PREPARE_STORE reply held this long (seeded uniform draw)
+DELAY_TRIES = 3      # delayed first passes, until a preemption fell while a reply was held
 
 
 def _tokens(rng: random.Random, n: int) -> list[int]:
@@ -138,42 +139,59 @@ def _summary(rec: dict[str, Any]) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def runs(rig) -> dict[str, Any]:
     """Every phase, in order, on one engine: baselines, the first pass without and with
-    delayed PREPARE_STORE replies, a vLLM prefix-cache reset, the second pass."""
+    delayed PREPARE_STORE replies, a vLLM prefix-cache reset, the second pass.
+
+    Whether a preemption falls while a reply is held is up to timing: the delayed pass is
+    run again with new prompts (at most ``DELAY_TRIES`` times in all) until one did, and
+    every run must pass every check."""
     t0 = time.monotonic()
-    plain, delayed = _prompts(8100), _prompts(8200)
-    _baseline(rig, plain + delayed, MAX_TOKENS)
-    # Second pass: each first-pass sequence minus its last CONT_TOKENS tokens, continued.
-    keep = MAX_TOKENS - CONT_TOKENS
-    cont = [p + rig.baseline[tuple(p)]["tokens"][:keep] for p in plain + delayed]
-    _baseline(rig, cont, CONT_TOKENS)
-    baseline_s = time.monotonic() - t0
-    out = {"plain": _run_phase(rig, "plain", _plan(8100, "p", plain, MAX_TOKENS))}
+    plain = _prompts(8100)
+    _baseline(rig, plain, MAX_TOKENS)
+    out: dict[str, Any] = {"plain": _run_phase(rig, "plain", _plan(8100, "p", plain,
+                                                                    MAX_TOKENS))}
     delay = Fault("delay_reply", at_msg=0, op="PREPARE_STORE", count=1 << 30,
                   duration_s=DELAY_S[0], duration_max_s=DELAY_S[1])
-    out["delayed"] = _run_phase(rig, "delayed", _plan(8200, "d", delayed, MAX_TOKENS),
-                                [delay])
+    out["delayed_runs"] = []
+    for seed in range(8200, 8200 + DELAY_TRIES):
+        delayed = _prompts(seed)
+        _baseline(rig, delayed, MAX_TOKENS)
+        rec = _run_phase(rig, "delayed", _plan(seed, f"d{seed}x", delayed, MAX_TOKENS),
+                         [delay])
+        rec["in_flight_preemptions"] = _preemptions_with_stores_in_flight(rec)
+        out["delayed_runs"].append(rec)
+        if rec["in_flight_preemptions"]:
+            break
+    out["delayed"] = out["delayed_runs"][-1]
+    # Second pass: each first-pass sequence minus its last CONT_TOKENS tokens, continued.
+    keep = MAX_TOKENS - CONT_TOKENS
+    first = plain + delayed
+    cont = [p + rig.baseline[tuple(p)]["tokens"][:keep] for p in first]
+    _baseline(rig, cont, CONT_TOKENS)
     rig.engine.request({"cmd": "reset_prefix_cache"}, 30)  # hits now come from LMCache only
     second = _plan(8300, "s", cont, CONT_TOKENS)
     out["second"] = _run_phase(rig, "second", second)
     out["first_prompt_len"] = {r["id"]: len(p) for r, p in
-                               zip(second.requests, plain + delayed, strict=True)}
-    out["timings"] = {"baseline_s": round(baseline_s, 1),
-                      "phases_s": round(time.monotonic() - t0 - baseline_s, 1)}
+                               zip(second.requests, first, strict=True)}
+    out["total_s"] = round(time.monotonic() - t0, 1)
     print("\npreemption e2e:", json.dumps(
-        {**{k: _summary(out[k]) for k in ("plain", "delayed", "second")},
-         "timings": out["timings"],
-         "in_flight_preemptions": _preemptions_with_stores_in_flight(out["delayed"])},
-        default=str))
+        {"plain": _summary(out["plain"]),
+         "delayed": [{**_summary(r), "in_flight_preemptions": r["in_flight_preemptions"]}
+                     for r in out["delayed_runs"]],
+         "second": _summary(out["second"]), "total_s": out["total_s"]}, default=str))
     return out
+
+
+def _phase_runs(runs: dict[str, Any], phase: str) -> list[dict[str, Any]]:
+    return runs["delayed_runs"] if phase == "delayed" else [runs[phase]]
 
 
 @pytest.mark.parametrize("phase", ["plain", "delayed"])
 def test_preempted_requests_keep_the_baseline_tokens(runs, phase):
-    rec = runs[phase]
-    assert not rec["failures"], json.dumps(_summary(rec), indent=1, default=str)
-    assert rec["max_latency_s"] <= BOUND_S
-    assert rec["preemptions"] > 0, "no preemption: the test did not exercise what it is for"
-    assert rec["connector"].get("stored_chunks", 0) > 0, rec["connector"]
+    for rec in _phase_runs(runs, phase):
+        assert not rec["failures"], json.dumps(_summary(rec), indent=1, default=str)
+        assert rec["max_latency_s"] <= BOUND_S
+        assert rec["preemptions"] > 0, "no preemption: the test did not exercise its case"
+        assert rec["connector"].get("stored_chunks", 0) > 0, rec["connector"]
 
 
 def test_stores_were_in_flight_when_requests_were_preempted(runs):
@@ -182,8 +200,9 @@ def test_stores_were_in_flight_when_requests_were_preempted(runs):
     assert delayed, "no PREPARE_STORE reply was held"
     # wait_for_save found the slots not lent yet: the blocks went to staging memory.
     assert rec["connector"].get("stores_staged", 0) > 0, rec["connector"]
-    assert _preemptions_with_stores_in_flight(rec) > 0, (
-        f"{rec['preemptions']} preemptions, none while a PREPARE_STORE reply was held")
+    assert rec["in_flight_preemptions"] > 0, (
+        f"{[r['preemptions'] for r in runs['delayed_runs']]} preemptions in "
+        f"{DELAY_TRIES} runs, none while a PREPARE_STORE reply was held")
 
 
 def test_second_pass_hits_what_was_stored_under_preemption(runs):
@@ -201,5 +220,5 @@ def test_second_pass_hits_what_was_stored_under_preemption(runs):
 
 @pytest.mark.parametrize("phase", ["plain", "delayed", "second"])
 def test_server_locks_return_to_zero(runs, phase):
-    rec = runs[phase]
-    assert rec["locks"] == (0, 0), _why_locks(rec)
+    for rec in _phase_runs(runs, phase):
+        assert rec["locks"] == (0, 0), _why_locks(rec)
