@@ -71,11 +71,16 @@ class ShmPool:
 
     @property
     def tensor(self) -> torch.Tensor:
-        """The whole pool as one uint8 CPU tensor (zero-copy), created on first use."""
+        """The whole pool as one uint8 CPU tensor (zero-copy), created on first use.
+
+        Always a normal tensor: the first use is usually on vLLM's engine thread under
+        ``torch.inference_mode()``, and an inference tensor's slots could then not be
+        written from our store finisher thread (outside inference mode)."""
         if self._tensor is None:
             import torch
 
-            self._tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
+            with torch.inference_mode(False):
+                self._tensor = torch.frombuffer(self._mmap, dtype=torch.uint8)
         return self._tensor
 
     @property

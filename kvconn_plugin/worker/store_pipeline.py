@@ -14,9 +14,11 @@ engine thread's critical path:
   slots when (if) the reply arrives. With no budget left the store is dropped.
 * COMMIT_STORE is sent without waiting; its outcome is only counted.
 
-So ``request_finished`` never has to keep blocks for a store, preemption needs no flush, and
-the engine step waits on no reply. A failure anywhere drops the store (counted, logged at a
-limited rate); the chunks are recomputed and stored another time.
+So ``request_finished`` never has to keep blocks for a store, preemption needs no flush
+(``tests/e2e/test_preemption_e2e.py`` preempts under a tiny KV cache with PREPARE_STORE
+replies held back, then loads what was stored), and the engine step waits on no reply. A
+failure anywhere drops the store (counted, logged at a limited rate); the chunks are
+recomputed and stored another time.
 
 With KV events on, every store begun reports once when it settles (``store_acks``): the
 chunks whose COMMIT_STORE the server confirmed, none for a dropped store. Chunks the server

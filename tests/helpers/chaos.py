@@ -60,6 +60,8 @@ class ChaosConfig:
     # logprob margin is below this counts as a near-tie, not a changed token (0: off).
     tie_margin: float = 0.0
     extra_connector_config: dict[str, Any] = field(default_factory=dict)
+    # More engine arguments for both engines (e.g. ``num_gpu_blocks_override``); they win.
+    extra_engine_args: dict[str, Any] = field(default_factory=dict)
 
 
 class EngineGone(RuntimeError):
@@ -191,7 +193,8 @@ class ChaosRig:
                 "engine_args": {"dtype": c.dtype, "max_model_len": 2048,
                                 "enforce_eager": True, "seed": 0,
                                 "max_num_seqs": c.max_num_seqs,
-                                "kv_cache_memory_bytes": c.kv_cache_bytes}}
+                                "kv_cache_memory_bytes": c.kv_cache_bytes,
+                                **c.extra_engine_args}}
 
     def start_engine(self) -> None:
         t0 = time.monotonic()
@@ -343,7 +346,7 @@ class ChaosRig:
         out = self.engine.request({"cmd": "episode", "requests": plan.requests,
                                    "bound_s": self.cfg.bound_s, "engine": "base"},
                                   self.cfg.bound_s + 90)
-        self._check_requests(plan, out, rec)
+        self.check_requests(plan, out, rec)
         rec["total_s"] = time.monotonic() - t0
         return rec
 
@@ -380,7 +383,7 @@ class ChaosRig:
         rec["fault_log"] = [e for e in fault_log if e["kind"] not in ("armed",)][:200]
         rec["messages"] = fault_log[-1].get("op_counts", {}) if fault_log else {}
         if out is not None:
-            self._check_requests(plan, out, rec)
+            self.check_requests(plan, out, rec)
         counts, waited = self.wait_locks_free()
         rec["locks"], rec["lock_wait_s"] = counts, round(waited, 2)
         if counts != (0, 0):
@@ -402,7 +405,10 @@ class ChaosRig:
         rec["total_s"] = time.monotonic() - t_start
         return rec
 
-    def _check_requests(self, plan: EpisodePlan, out: dict[str, Any], rec: dict) -> None:
+    def check_requests(self, plan: EpisodePlan, out: dict[str, Any], rec: dict) -> None:
+        """Record into ``rec`` the episode reply ``out`` of ``plan``: stall, preemptions,
+        per-request status and latency; a failure for each hung, failed or changed request
+        (tokens against ``self.baseline``)."""
         cfg = self.cfg
         rec["stall_s"] = out["stall"]
         rec["canary_tokens"] = out["canary_tokens"]

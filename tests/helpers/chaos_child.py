@@ -45,19 +45,30 @@ def _engine_args(spec: dict[str, Any], with_connector: bool):
 
 
 def _preemption_counter():
-    """A vLLM stat logger (front end) that counts preempted requests, per engine step."""
+    """A vLLM stat logger (front end) that counts preempted requests, per engine step, with
+    the time (``time.monotonic``, comparable across processes on one host) of each step
+    that preempted, and sums the connector's counters (``kv_connector_stats``: hit tokens,
+    staged stores, ...)."""
     from vllm.v1.metrics.loggers import StatLoggerBase
 
     class PreemptionCounter(StatLoggerBase):
         total = 0
+        times: list[float] = []  # noqa: RUF012 - class-level on purpose, like ``total``
+        connector: dict[str, float] = {}  # noqa: RUF012
 
         def __init__(self, vllm_config: Any, engine_index: int = 0):
             pass
 
         def record(self, scheduler_stats: Any, iteration_stats: Any,
                    mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
-            if iteration_stats is not None:
+            if iteration_stats is not None and iteration_stats.num_preempted_reqs:
                 PreemptionCounter.total += iteration_stats.num_preempted_reqs
+                if len(PreemptionCounter.times) < 100000:
+                    PreemptionCounter.times.append(time.monotonic())
+            kv = getattr(scheduler_stats, "kv_connector_stats", None) or {}
+            for k, v in kv.items():
+                if isinstance(v, (int, float)) and k != "degraded":
+                    PreemptionCounter.connector[k] = PreemptionCounter.connector.get(k, 0) + v
 
         def log_engine_initialized(self) -> None:
             pass
@@ -108,6 +119,8 @@ class Child:
         llm = self.base if cmd.get("engine") == "base" else self.llm
         t0 = time.monotonic()
         preempted0 = self.preemptions.total
+        times0 = len(self.preemptions.times)
+        connector0 = dict(self.preemptions.connector)
         canary_stop = asyncio.Event()
         canary: dict[str, Any] = {"gaps": [], "tokens": 0, "restarts": 0, "error": None}
 
@@ -193,7 +206,11 @@ class Child:
         return {"requests": results, "elapsed": time.monotonic() - t0,
                 "stall": max(canary["gaps"], default=0.0), "canary_tokens": canary["tokens"],
                 "canary_error": canary["error"], "engine_dead": llm.errored,
-                "preemptions": self.preemptions.total - preempted0}
+                "preemptions": self.preemptions.total - preempted0,
+                "preemption_times": self.preemptions.times[times0:],
+                "connector_stats": {k: v - connector0.get(k, 0)
+                                    for k, v in self.preemptions.connector.items()
+                                    if v != connector0.get(k, 0)}}
 
     async def reset_prefix_cache(self) -> bool:
         return bool(await self.llm.reset_prefix_cache())

@@ -64,6 +64,9 @@ class Fault:
 
     ``count``: messages affected (drop/delay/truncate) or batch size (reorder).
     ``duration_s``: freeze length, reply delay, or time until ``undo`` (hook).
+    ``duration_max_s``: delay only; when larger than ``duration_s``, each delayed message
+    is held for its own uniform draw from ``[duration_s, duration_max_s]`` (the proxy's
+    seeded generator), so the replies also overtake each other.
     ``after``: reset/close/hook act after forwarding the trigger message (it is in flight),
     otherwise before (it is lost with the connection).
     """
@@ -75,6 +78,7 @@ class Fault:
     on: str | None = None
     count: int = 1
     duration_s: float = 0.0
+    duration_max_s: float = 0.0
     after: bool = True
     action: Callable[[], Any] | None = dataclasses.field(default=None, repr=False)
     undo: Callable[[], Any] | None = dataclasses.field(default=None, repr=False)
@@ -277,6 +281,12 @@ class FaultProxy:
 
     def snapshot_log(self) -> list[dict[str, Any]]:
         return self._call(lambda: list(self.log))
+
+    @property
+    def armed_at(self) -> float:
+        """``time.monotonic()`` of the last :meth:`arm`: the fault log's ``t`` counts from
+        it."""
+        return self._t0
 
     def held(self) -> tuple[int, int]:
         """(messages, bytes) currently held by delay/reorder faults."""
@@ -597,9 +607,12 @@ class FaultProxy:
             self._record("dropped", conn, fault=a.index, dir=d, uid=uid, op=op)
             return False
         if kind == "delay_reply":
+            seconds = a.f.duration_s
+            if a.f.duration_max_s > seconds:
+                seconds = self.rng.uniform(seconds, a.f.duration_max_s)
             self._record("delayed", conn, fault=a.index, dir=d, uid=uid, op=op,
-                         seconds=a.f.duration_s)
-            self._hold(conn, d, data, a.f.duration_s, uid, op)
+                         seconds=round(seconds, 3))
+            self._hold(conn, d, data, seconds, uid, op)
             return False
         if kind == "truncate":
             body_frame = frames[-1]

@@ -129,6 +129,20 @@ def test_delayed_reply_arrives_late(proxy, client):
     assert [e["op"] for e in _events(log, "released")] == ["PING"]
 
 
+def test_jittered_delays_are_seeded_draws_within_the_range(proxy, client):
+    def delays(seed: int) -> list[float]:
+        proxy.arm([Fault("delay_reply", at_msg=0, op="PING", count=1000, duration_s=0.05,
+                         duration_max_s=0.3)], seed=seed)
+        futures = [client.ping_async(None) for _ in range(8)]
+        assert [f.result(10) for f in futures] == [True] * 8
+        return [e["seconds"] for e in _events(proxy.heal(), "delayed")]
+
+    first = delays(7)
+    assert len(first) == 8 and all(0.05 <= s <= 0.3 for s in first)
+    assert len(set(first)) > 1          # each reply its own delay
+    assert delays(7) == first           # the same seed, the same delays
+
+
 def test_reordered_replies_still_reach_their_callers(proxy, client):
     proxy.arm([Fault("reorder_replies", at_msg=0, op="PING", count=6)])
     futures = [client.ping_async(None) for _ in range(6)]

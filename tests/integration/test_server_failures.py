@@ -483,3 +483,50 @@ def test_wait_for_save_never_waits_on_a_frozen_server(server):
         if server.process is not None:
             os.killpg(server.process.pid, signal.SIGCONT)
         w.close()
+
+
+def test_a_late_slot_is_filled_after_vllm_mapped_the_pool_under_inference_mode(server):
+    """vLLM binds the step's metadata and calls wait_for_save under torch.inference_mode():
+    a store whose slots were lent in time maps the SHM pool there. A later store whose
+    PREPARE_STORE reply comes after wait_for_save is staged, and its slots are filled on
+    the store thread, outside inference mode; it must still be stored, with the bytes its
+    blocks held at wait_for_save, and leave no write lock behind (it used to fail in the
+    finisher, after the server had reserved its slots)."""
+    w = Worker(server, **{"lmcache.mp.heartbeat_interval": 30})
+    try:
+        direct, d_blocks = _tokens(CHUNK, 21), range(CHUNK // BLOCK)
+        w.fill(d_blocks, seed=21)
+        meta = KVConnMetadata(stores=[_spec("im-direct", direct, d_blocks)])
+        with torch.inference_mode():
+            w.adapter.start_transfers(meta)
+            _wait_for(lambda: all(p.prepared.done() for p in w.adapter._begun), 10,
+                      "the PREPARE_STORE reply")
+            w.adapter.wait_for_save(meta)  # the slots are lent: the direct path
+        assert w.adapter.wait_stores_idle(30)
+        assert w.adapter.stats.data.get("stores_staged", 0) == 0
+        toks, blocks = _tokens(CHUNK, 22), range(16, 16 + CHUNK // BLOCK)
+        w.fill(blocks, seed=22)
+        expected = w.blocks_bytes(blocks)
+        server.freeze()
+        meta = KVConnMetadata(stores=[_spec("im-staged", toks, blocks)])
+        with torch.inference_mode():
+            w.adapter.start_transfers(meta)
+            w.adapter.wait_for_save(meta)
+        assert w.adapter.stores.in_flight == 1  # staged, waiting for its slots
+        w.poison(blocks)
+        os.killpg(server.process.pid, signal.SIGCONT)
+        assert w.adapter.wait_stores_idle(60)
+        assert w.adapter.stats.data.get("stores_staged") == 1
+        assert w.adapter.stats.data.get("store_failures", 0) == 0
+        assert w.adapter.stats.data.get("stored_chunks") == 2
+        _wait_for(lambda: server_lock_counts(server)[1] == 0, 10, "no write lock left")
+        dst = range(32, 32 + len(blocks))
+        assert _lookup(server, "im-load", toks) == 1
+        _, errors = w.load(_spec("im-load", toks, dst))
+        assert errors == set()
+        for t, ref in zip(w.kv, expected, strict=True):
+            assert torch.equal(t[dst.start:dst.stop].view(torch.uint8), ref.view(torch.uint8))
+    finally:
+        if server.process is not None:
+            os.killpg(server.process.pid, signal.SIGCONT)
+        w.close()

@@ -382,3 +382,30 @@ def test_lost_connection_fails_calls_in_flight_at_once(peer):
             fut.result(timeout=BOUND)
         assert not transport._pending
     peer.ctx = zmq.Context()  # the fixture closes it again
+
+
+def test_a_pool_mapped_under_inference_mode_takes_writes_from_any_thread(small_pool):
+    """vLLM calls ``wait_for_save`` (and binds the step's metadata) under
+    ``torch.inference_mode()``, so that is where a worker first touches the pool. The store
+    finisher thread, outside inference mode, must still be able to copy a staged chunk into
+    a slot; an inference-mode pool tensor refused that, so every staged store failed after
+    the server had reserved its slots (dropped, and its write locks left until their TTL)."""
+    import torch
+
+    slot = SlotDescriptor(offset=4096, length=1024, shape=list(SHAPE), dtype="float16")
+    with torch.inference_mode():
+        small_pool.slot_view(slot, SHAPE, "float16").zero_()  # first use maps the pool
+        staged = torch.arange(1024, dtype=torch.int64).to(torch.uint8)
+    errors: list[BaseException] = []
+
+    def finisher() -> None:
+        try:
+            small_pool.slot_view(slot, SHAPE, "float16").copy_(staged)
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=finisher, name="kvconn-test-finisher")
+    t.start()
+    t.join(10)
+    assert errors == []
+    assert torch.equal(small_pool.slot_view(slot, SHAPE, "float16"), staged)
