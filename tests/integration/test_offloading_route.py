@@ -78,20 +78,27 @@ def _run(server, extra: dict, env: dict[str, str], build: bool) -> str:
     return out.stdout
 
 
-def test_offloading_flag_serves_hits_through_our_connector(lmcache_server):
-    extra = server_extra_config(lmcache_server.url, **{"kvconn.lookup_timeout": 10})
-    out = _run(lmcache_server, extra, {"KVCONN_IMPL": "builtin"}, build=True)
+@pytest.fixture(scope="module")
+def own_server(lmcache_server_factory):
+    """A server of this module's own: the load planned here has no worker to carry it out, so
+    its read locks stay until the server's TTL and would skew lock counts on a shared one."""
+    return lmcache_server_factory()
+
+
+def test_offloading_flag_serves_hits_through_our_connector(own_server):
+    extra = server_extra_config(own_server.url, **{"kvconn.lookup_timeout": 10})
+    out = _run(own_server, extra, {"KVCONN_IMPL": "builtin"}, build=True)
     assert ("ROUTE LMCacheMPConnector kv_both kvconn_plugin.connector.KVConnPluginConnector"
             in out), out
     assert "CONNECTOR kvconn_plugin.connector.KVConnPluginConnector" in out, out
     assert "LOAD 0 512" in out, out  # two seeded chunks found and planned for loading
 
 
-def test_offloading_flag_in_auto_mode_picks_lmcache_when_installed(lmcache_server):
+def test_offloading_flag_in_auto_mode_picks_lmcache_when_installed(own_server):
     import importlib.util
 
     if importlib.util.find_spec("lmcache") is None:
         pytest.skip("lmcache is not installed in this environment")
-    out = _run(lmcache_server, {}, {"KVCONN_IMPL": "auto"}, build=False)
+    out = _run(own_server, {}, {"KVCONN_IMPL": "auto"}, build=False)
     assert ("ROUTE LMCacheMPConnector kv_both "
             "lmcache.integration.vllm.lmcache_mp_connector.LMCacheMPConnector") in out, out

@@ -29,6 +29,13 @@ def _locked_lookup(client: LMCacheClient, tokens: list[int], n_chunks: int) -> C
     return key
 
 
+@pytest.fixture(scope="module")
+def lmcache_server(lmcache_server_factory):
+    """A server of this module's own: the lock counts below are the whole server's, so a lock
+    another module left until the server's TTL would be counted too."""
+    return lmcache_server_factory()
+
+
 @pytest.mark.parametrize("fate", ["never_sent", "carried_out_late", "reported_twice"])
 def test_failed_load_releases_lookup_locks_once(lmcache_server, fate):
     tokens = list(range(100, 100 + 2 * CHUNK))
