@@ -19,15 +19,16 @@ from typing import TYPE_CHECKING, Any
 from kvconn_plugin.client.api import LMCacheClient
 from kvconn_plugin.client.protocol import CacheKey
 from kvconn_plugin.config import KVConnConfig
-from kvconn_plugin.errors import KVConnChunkSizeMismatch, KVConnError
+from kvconn_plugin.errors import KVConnError
 from kvconn_plugin.kv_groups import NULL_BLOCK_ID, SINGLE, KVGroups
 from kvconn_plugin.metadata import KVConnMetadata, TransferSpec
 from kvconn_plugin.parallel import KVRanks
 from kvconn_plugin.request_params import RequestControls
 from kvconn_plugin.scheduler.fleet import ServerFleet, scheduler_client
+from kvconn_plugin.scheduler.health import ServerHealth
 from kvconn_plugin.scheduler.tracker import LookupState, RequestTracker
 from kvconn_plugin.stats import KVConnStats
-from kvconn_plugin.utils import PeriodicTask, RateLimitedLog
+from kvconn_plugin.utils import RateLimitedLog
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
@@ -37,6 +38,8 @@ _warn = RateLimitedLog(logger, interval=30.0)
 
 # A finished request whose lookup result is still unknown is drained for at most this long.
 DRAIN_TIMEOUT = 30.0
+# Shutdown waits this long, at most, for the frees of waiting requests' locks.
+SHUTDOWN_FREE_TIMEOUT = 1.0
 
 
 def _prefix(token_ids: Any, n: int) -> list[int]:
@@ -82,7 +85,7 @@ class SchedulerAdapter:
         # Requests whose lookups or loads held chunks locked through a reset: once they all
         # let go, one more CLEAR drops what those locks kept.
         self._reclear: set[str] = set()
-        self._health = _ServerHealth(self, config.heartbeat_interval)
+        self._health = ServerHealth(self, config.heartbeat_interval)
         self._health.check_now(wait=config.connect_timeout)
         if self.chunk_size is None and self._health.disabled_reason is None:
             if config.require_server:
@@ -543,73 +546,30 @@ class SchedulerAdapter:
 
     def shutdown(self) -> None:
         self._health.stop()
+        self._release_waiting_locks(SHUTDOWN_FREE_TIMEOUT)
         self.client.close()
 
-
-class _ServerHealth:
-    """Background liveness of the server as seen by the scheduler.
-
-    Pings every ``interval`` with a deadline of ``interval``, so an outage is noticed within
-    two intervals; while it lasts, lookups are skipped (0 external tokens). On recovery the
-    chunk size is read again: a server restarted with another chunk size keeps the cache
-    off rather than mixing layouts.
-    """
-
-    def __init__(self, owner: SchedulerAdapter, interval: float):
-        self._owner = owner
-        self._interval = interval
-        self._task = PeriodicTask("kvconn-sched-health", interval, self._tick)
-        self.healthy = False
-        self.disabled_reason: str | None = None
-
-    def start(self) -> None:
-        self._task.start()
-
-    def stop(self) -> None:
-        self._task.stop()
-
-    def report_failure(self, exc: Exception) -> None:
-        if self.healthy:
-            _warn.warning("server-down", "kvconn: LMCache server call failed (%s); checking it",
-                          exc)
-        self._task.poke()
-
-    def check_now(self, wait: float) -> None:
-        owner = self._owner
-        try:
-            owner.client.ping(None, timeout=wait)
-            chunk = owner.client.get_chunk_size(timeout=wait)
-        except KVConnChunkSizeMismatch as exc:
-            self._disable(str(exc))
+    def _release_waiting_locks(self, budget: float) -> None:
+        """Free the read locks of hits vLLM drops at shutdown before planning their load
+        (requests still waiting): left alone they pin their chunks until the server's TTL,
+        which a rolling restart hits every time. A load already planned may still consume
+        its locks on a worker, so those are left to the TTL. Waits at most ``budget`` s."""
+        if not self.healthy:
             return
-        except KVConnError as exc:
-            if self.healthy:
-                _warn.warning("server-down", "kvconn: LMCache server at %s unreachable (%s); "
-                              "serving without the cache", owner.client.url, exc)
-            self.healthy = False
-            owner.stats.set_degraded(True)
-            return
-        if owner.block_size and chunk % owner.block_size:
-            self._disable(f"server chunk size {chunk} is not a multiple of block size "
-                          f"{owner.block_size}")
-            return
-        if owner.chunk_size is not None and chunk != owner.chunk_size:
-            self._disable(f"server chunk size changed from {owner.chunk_size} to {chunk}")
-            return
-        if not self.healthy and owner.chunk_size is not None:
-            logger.info("kvconn: LMCache server at %s is back", owner.client.url)
-        owner.chunk_size = chunk
-        self.healthy = self.disabled_reason is None
-        owner.stats.set_degraded(not self.healthy)
-
-    def _disable(self, reason: str) -> None:
-        if self.disabled_reason is None:
-            logger.error("kvconn: disabling the KV cache: %s. Restart vLLM to pick up the new "
-                         "server settings.", reason)
-        self.disabled_reason = reason
-        self.healthy = False
-        self._owner.stats.set_degraded(True)
-
-    def _tick(self) -> None:
-        if self.disabled_reason is None:
-            self.check_now(wait=self._interval)
+        futures = []
+        for tr in list(self._trackers.values()):
+            if tr.load_from is not None or tr.locks_settled or tr.state is not LookupState.DONE:
+                continue
+            end = min(tr.hit_chunks * (self.chunk_size or 0), tr.lookup_end)
+            tr.locks_settled = True
+            if end <= 0:
+                continue
+            try:
+                futures.append(self.client.free_lookup_locks_async(
+                    self._key(tr, 0, end, None), self.ranks.tp_size))
+            except KVConnError:
+                return  # the server went away: nothing more to free on it
+        deadline = time.monotonic() + budget
+        for fut in futures:
+            with contextlib.suppress(Exception):
+                fut.result(timeout=max(0.0, deadline - time.monotonic()))

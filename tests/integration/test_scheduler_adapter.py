@@ -14,7 +14,7 @@ import pytest
 
 from kvconn_plugin.metadata import KVConnMetadata
 from tests.helpers.sched_harness import SchedHarness
-from tests.helpers.seed import seed_server
+from tests.helpers.seed import seed_server, server_lock_counts
 
 pytestmark = pytest.mark.lmcache_server
 
@@ -227,3 +227,24 @@ def test_hit_covered_by_vllms_own_cache_is_not_stored_again(server):
     assert all(s.start >= 512 for s in stores), [(s.start, s.end) for s in stores]
     h.assert_empty()
     h.connector.shutdown()
+
+
+def test_shutdown_frees_the_locks_of_hits_still_waiting(server):
+    """A request whose lookup hit but whose load vLLM never planned (still waiting when the
+    engine stops, as in a rolling restart) leaves no read locks behind: they would pin its
+    chunks until the server's TTL."""
+    h = _harness(server)
+    toks = _tokens(700, 8)
+    _seed_server(server, h.vllm_config.model_config.model, toks)
+    before = server_lock_counts(server)
+    req = h.request("waiting", toks)
+    h.add(req)  # vLLM sends the lookup on arrival; the request is never scheduled
+    sched = h.connector._scheduler
+    for _ in range(2000):
+        if sched.get_num_new_matched_tokens(req, 0)[0] is not None:
+            break
+        time.sleep(0.005)
+    assert sched.lookup_hit_tokens("waiting") == 512
+    assert server_lock_counts(server)[0] > before[0]  # the hit's chunks are read-locked
+    h.connector.shutdown()
+    assert server_lock_counts(server) == before
