@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -78,6 +79,7 @@ class SchedulerAdapter:
         self.chunk_size: int | None = None
         self._trackers: dict[str, RequestTracker] = {}
         self._closing: dict[str, tuple[RequestTracker, float]] = {}
+        self._closing_lock = threading.Lock()
         self._pending_loads: list[TransferSpec] = []
         self._kv_cache_manager: Any = None
         self.stats = KVConnStats()
@@ -471,6 +473,17 @@ class SchedulerAdapter:
         """Retry finished requests whose lookup result was still unknown (once per step)."""
         if not self._closing:
             return
+        with self._closing_lock:  # the health thread drains too (an idle engine has no steps)
+            self._drain_closing_locked()
+
+    def drain_closing_in_background(self) -> None:
+        """From the health thread: an idle engine runs no steps, and the locks of its last
+        finished requests would wait for the next request (or the server's 300 s TTL)."""
+        if self._closing:
+            self._drain_closing()
+            self.client.flush()
+
+    def _drain_closing_locked(self) -> None:
         now = time.monotonic()
         for key, (tr, deadline) in list(self._closing.items()):
             final = "#pre" not in key  # a preempted request's old lookup: the session lives on

@@ -83,3 +83,4 @@ class ServerHealth:
     def _tick(self) -> None:
         if self.disabled_reason is None:
             self.check_now(wait=self._interval)
+        self._owner.drain_closing_in_background()

@@ -33,7 +33,7 @@ import pytest
 
 from kvconn_plugin.tools.procgroup import group_members, stop_process_group
 from kvconn_plugin.tools.tiny_model import PRESETS, write_tiny_llama
-from tests.helpers.chaos_plan import EpisodePlan
+from tests.helpers.chaos_plan import MAX_MODEL_LEN, EpisodePlan
 from tests.helpers.connector_config import kv_transfer_config
 from tests.helpers.engine import child_env
 from tests.helpers.fault_proxy import Fault, FaultProxy
@@ -190,7 +190,7 @@ class ChaosRig:
                  "kvconn.lookup_timeout": c.lookup_timeout_s, **c.extra_connector_config}
         return {"model": str(self.model),
                 "kv_transfer_config": kv_transfer_config(self.proxy.url, **extra),
-                "engine_args": {"dtype": c.dtype, "max_model_len": 2048,
+                "engine_args": {"dtype": c.dtype, "max_model_len": MAX_MODEL_LEN,
                                 "enforce_eager": True, "seed": 0,
                                 "max_num_seqs": c.max_num_seqs,
                                 "kv_cache_memory_bytes": c.kv_cache_bytes,

@@ -15,6 +15,7 @@ from typing import Any
 
 CHUNK = 256
 VOCAB = (10, 500)  # token ids the tiny model's vocabulary covers, minus the specials
+MAX_MODEL_LEN = 2048  # the chaos engine's (the engine in tests/helpers/chaos.py uses it)
 
 PROXY_KINDS = ("drop_request", "drop_reply", "delay_reply", "reorder_replies", "reset",
                "close", "freeze", "truncate")
@@ -67,6 +68,8 @@ def plan_episode(seed: int, *, kinds: list[str] | None = None, max_tokens: int =
             base = rng.choice(warm)
             keep = CHUNK * rng.randint(1, max(1, len(base) // CHUNK))
             prompt, kind = base[:keep] + _tokens(rng, rng.randint(1, 600)), "extend"
+            # The engine's max_model_len must hold the prompt and every generated token.
+            prompt = prompt[:MAX_MODEL_LEN - max_tokens]
         else:
             prompt, kind = _tokens(rng, rng.randint(40, CHUNK * 7)), "fresh"
         req: dict[str, Any] = {"id": f"e{seed}r{i}{kind[0]}", "prompt": prompt,

@@ -453,6 +453,42 @@ def test_lookups_that_time_out_on_a_stalled_server_still_free_their_locks(server
         h.connector.shutdown()
 
 
+def test_an_idle_engine_still_frees_the_locks_of_its_last_requests(server):
+    """Requests that finish while their lookup's outcome is unknown (the server stalled)
+    are settled later. The engine may then have nothing left to run, so no scheduler step
+    comes to do it: the health thread must, or their chunks stay read-locked for the
+    server's 300 s TTL (found by the chaos harness: a dropped QUERY reply, then idle)."""
+    h = SchedHarness.for_server(
+        server.url, {"lmcache.mp.mq_timeout": 1, "kvconn.lookup_timeout": 1,
+                     "lmcache.mp.heartbeat_interval": 1},
+        max_model_len=4096, max_num_batched_tokens=4096)
+    sched = h.connector._scheduler
+    model = h.vllm_config.model_config.model
+    try:
+        prompts = [_tokens(2 * CHUNK, 60 + i) for i in range(4)]
+        for p in prompts:
+            seed_server(server.url, model, [*p, 7])
+        server.freeze()
+        ids = [f"idle{i}" for i in range(len(prompts))]
+        h.add(*(h.request(rid, p + _tokens(40, 70 + i))
+                for i, (rid, p) in enumerate(zip(ids, prompts, strict=True))))
+        h.step()  # lookups go out to the stalled server
+        time.sleep(1.6)  # they time out on our side; the server will still carry them out
+        from vllm.v1.request import RequestStatus
+
+        h.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+        assert sched._closing, "nothing left to settle: the test lost its point"
+        os.killpg(server.process.pid, signal.SIGCONT)
+        # No step from here on, as in an engine with nothing to run.
+        _wait_for(lambda: not sched._closing, 20, "the finished lookups to settle")
+        _wait_for(lambda: server_lock_counts(server) == (0, 0), 15,
+                  f"the server's read locks to drop (now {server_lock_counts(server)})")
+    finally:
+        if server.process is not None:
+            os.killpg(server.process.pid, signal.SIGCONT)
+        h.connector.shutdown()
+
+
 def test_wait_for_save_never_waits_on_a_frozen_server(server):
     """The engine thread's part of a store is the copy out of vLLM's blocks: with the
     server frozen and every network deadline long (30 s heartbeat, 120 s transfers),
