@@ -224,6 +224,13 @@ class LMCacheClient:
                                     wait_for_peer=False)
         return wait(fut, Op.PREPARE_RETRIEVE, timeout)  # type: ignore[return-value]
 
+    def commit_store_within(self, key: CacheKey, instance_id: int, timeout: float) -> bool:
+        """An SHM COMMIT_STORE waited for up to ``timeout`` (fails at once with no
+        connection); True when the server had the reservation and committed it."""
+        fut = self.transport.submit(Op.COMMIT_STORE, key, instance_id, b"", timeout=timeout,
+                                    wait_for_peer=False)
+        return bool(wait(fut, Op.COMMIT_STORE, timeout))
+
     # Blocking forms (tools, tests, benchmarks): like every blocking call, they wait for a
     # connection until their deadline.
 

@@ -31,6 +31,7 @@ from kvconn_plugin.parallel import KVRanks
 from kvconn_plugin.stats import KVConnStats
 from kvconn_plugin.utils import PeriodicTask, RateLimitedLog
 from kvconn_plugin.worker.chunk_copy import ChunkCopier
+from kvconn_plugin.worker.unsettled_commits import UnsettledCommits
 from kvconn_plugin.worker.unsettled_loads import UnsettledLoads
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,8 @@ class ServerSession:
         # Loads that failed before their COMMIT_RETRIEVE: their read locks are released
         # by the heartbeat once the server answers again.
         self.unsettled = UnsettledLoads()
+        # Stores whose COMMIT_STORE may not have arrived: committed again by the heartbeat.
+        self.unsettled_commits = UnsettledCommits()
         self._heartbeat_task = PeriodicTask("kvconn-worker-health", config.heartbeat_interval,
                                             self._heartbeat)
 
@@ -209,6 +212,8 @@ class ServerSession:
                 logger.info("kvconn: re-registered with LMCache server at %s", self.client.url)
             if len(self.unsettled):
                 self.unsettled.settle(self.client, self.instance_id, interval)
+            if len(self.unsettled_commits):
+                self.unsettled_commits.settle(self.client, self.instance_id, interval)
         except KVConnError as exc:
             if self.healthy:
                 _warn.warning("down", "kvconn: LMCache server at %s stopped answering (%s); "

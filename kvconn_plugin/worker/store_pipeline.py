@@ -37,7 +37,13 @@ from typing import TYPE_CHECKING, Any
 
 from kvconn_plugin.client.protocol import PrepareStoreReply
 from kvconn_plugin.client.reply_future import ReplyFuture
-from kvconn_plugin.errors import KVConnError, KVConnProtocolError, KVConnUnavailable
+from kvconn_plugin.errors import (
+    KVConnError,
+    KVConnInFlightLost,
+    KVConnProtocolError,
+    KVConnTimeout,
+    KVConnUnavailable,
+)
 from kvconn_plugin.metadata import TransferSpec
 from kvconn_plugin.store_acks import StoreAckRecorder
 from kvconn_plugin.utils import RateLimitedLog
@@ -90,6 +96,7 @@ class StorePipeline:
         for spec in specs:
             try:
                 plan = s.plan(spec, store=True)
+                s.unsettled_commits.forget(plan.key)  # never commit a fresh reservation
                 fut = s.client.prepare_store_async(plan.key, s.instance_id)
             except KVConnError as exc:
                 self._dropped(spec, exc)
@@ -181,10 +188,14 @@ class StorePipeline:
     def _commit(self, p: PendingStore, data: bytes, committed: tuple[int, ...]) -> None:
         s = self.session
         fut = s.client.commit_store_async(p.plan.key, s.instance_id, data)
-        fut.add_done_callback(lambda f: self._committed(p, f, committed))
+        fut.add_done_callback(lambda f: self._committed(p, f, committed, retry=not data))
 
-    def _committed(self, p: PendingStore, fut: ReplyFuture, committed: tuple[int, ...]) -> None:
+    def _committed(self, p: PendingStore, fut: ReplyFuture, committed: tuple[int, ...],
+                   retry: bool = False) -> None:
         exc = fut.exception()
+        if retry and isinstance(exc, (KVConnTimeout, KVConnInFlightLost)):
+            # The server may never have seen it: its reservation would stay write-locked.
+            self.session.unsettled_commits.add(p.plan.key, exc)
         if exc is None and fut.result() is not True:
             exc = KVConnProtocolError("commit_store refused (reservation expired?)")
         if exc is not None and isinstance(exc, KVConnError):

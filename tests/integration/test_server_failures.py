@@ -489,6 +489,43 @@ def test_an_idle_engine_still_frees_the_locks_of_its_last_requests(server):
         h.connector.shutdown()
 
 
+class _Via:
+    """What ``Worker`` needs of a server (its address), for a fault proxy's address."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+
+def test_a_lost_commit_store_is_committed_again_once_the_server_answers(server):
+    """A COMMIT_STORE that never reached the server leaves the chunks write-reserved (LMCache
+    cannot cancel a reservation; its write TTL is 600 s). The heartbeat commits it again:
+    the write locks go and the objects, with the bytes we copied, become loadable."""
+    from tests.helpers.fault_proxy import Fault, FaultProxy
+
+    with FaultProxy((server.host, server.port), seed=3) as proxy:
+        w = Worker(_Via(proxy.url), **{"kvconn.transfer_timeout": 2})
+        try:
+            toks, blocks = _tokens(2 * CHUNK, 12), range(2 * CHUNK // BLOCK)
+            w.fill(blocks, seed=12)
+            expected = w.blocks_bytes(blocks)
+            proxy.arm([Fault("drop_request", at_msg=0, op="COMMIT_STORE")])
+            w.store(_spec("lost-commit", toks, blocks))
+            log = proxy.heal()
+            assert [e["op"] for e in log if e["kind"] == "dropped"] == ["COMMIT_STORE"]
+            _wait_for(lambda: server_lock_counts(server) == (0, 0), 15,
+                      f"the write reservation to be committed (now {server_lock_counts(server)})")
+            assert w.session.unsettled_commits.recovered == 1
+            dst = range(32, 32 + len(blocks))
+            w.poison(dst)
+            assert _lookup(server, "lost-commit-load", toks) == 2
+            _, errors = w.load(_spec("lost-commit-load", toks, dst))
+            assert errors == set()
+            for t, ref in zip(w.kv, expected, strict=True):
+                assert torch.equal(t[dst.start:dst.stop].view(torch.uint8), ref.view(torch.uint8))
+        finally:
+            w.close()
+
+
 def test_wait_for_save_never_waits_on_a_frozen_server(server):
     """The engine thread's part of a store is the copy out of vLLM's blocks: with the
     server frozen and every network deadline long (30 s heartbeat, 120 s transfers),
