@@ -27,6 +27,8 @@ _DOCS = {
     "load_failures": "Loads that failed (vLLM recomputed them)",
     "store_failures": "Stores that were dropped",
     "stores_staged": "Stores copied into staging because the server had not lent slots yet",
+    "store_orphaned_chunks": "Chunks the server may hold write-reserved for dropped stores "
+                             "(LMCache cannot cancel them; its write TTL frees them)",
     "server_errors": "Failed or timed-out server calls",
 }
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)

@@ -26,6 +26,7 @@ COUNTERS = (
     "load_failures",
     "store_failures",
     "stores_staged",
+    "store_orphaned_chunks",
     "server_errors",
 )
 FLAGS = ("degraded",)

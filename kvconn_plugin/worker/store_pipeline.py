@@ -116,6 +116,8 @@ class StorePipeline:
                 if p.prepared.done():
                     self._finish(p)
                 elif not self._stage(p):
+                    # Its reply may still lend slots we can no longer fill.
+                    p.prepared.add_done_callback(lambda f, p=p: self._orphaned(p, f))
                     self._settle(p, KVConnUnavailable("PREPARE_STORE still unanswered and the "
                                                       "staging budget is spent"))
                 else:
@@ -134,6 +136,8 @@ class StorePipeline:
         try:
             reply: PrepareStoreReply = p.prepared.result()
         except KVConnError as exc:
+            if isinstance(exc, (KVConnTimeout, KVConnInFlightLost)):
+                self._note_orphaned(p, p.plan.nchunks, certain=False)
             s.failed(exc)
             raise
         ctx, plan = reply.context, p.plan
@@ -286,6 +290,23 @@ class StorePipeline:
         with self._idle:
             self._in_flight -= 1
             self._idle.notify_all()
+
+    def _orphaned(self, p: PendingStore, fut: ReplyFuture) -> None:
+        """A dropped store's PREPARE_STORE was answered after all: the slots it lent stay
+        reserved, unfilled."""
+        if fut.exception() is None:
+            n = len(fut.result().context.slots)
+            if n:
+                self._note_orphaned(p, n, certain=True)
+
+    def _note_orphaned(self, p: PendingStore, chunks: int, certain: bool) -> None:
+        # Not rate-limited: each line explains write locks an operator sees on the server
+        # for the next 10 minutes (LMCache 0.5.6 has no call that cancels a reservation).
+        self.stats.record("store_orphaned_chunks", chunks)
+        logger.info("kvconn: store of %s: the server holds %s%d chunk(s) write-reserved "
+                    "until its write TTL (PREPARE_STORE %s)", p.spec.request_id,
+                    "" if certain else "up to ", chunks,
+                    "answered after the store was dropped" if certain else "outcome unknown")
 
     def _dropped(self, spec: TransferSpec, exc: BaseException) -> None:
         self.stats.record("store_failures")

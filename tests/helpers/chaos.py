@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -38,6 +39,9 @@ from tests.helpers.connector_config import kv_transfer_config
 from tests.helpers.engine import child_env
 from tests.helpers.fault_proxy import Fault, FaultProxy
 from tests.helpers.seed import server_lock_counts
+
+# Orphaned write reservations are accepted only after this long (in-flight stores settle).
+ORPHAN_SETTLE_S = 5.0
 
 
 @dataclass
@@ -292,12 +296,18 @@ class ChaosRig:
         except (Exception, pytest.skip.Exception):  # no answer (yet), or no lock counts
             return None
 
-    def wait_locks_free(self) -> tuple[tuple[int, int] | None, float]:
+    def wait_locks_free(self, orphaned=lambda: 0) -> tuple[tuple[int, int] | None, float]:
+        """Until the server holds no lock, or (after a settling time) only the write
+        reservations ``orphaned()`` explains, or ``lock_wait_s``."""
         t0 = time.monotonic()
         while True:
             counts = self.lock_counts()
-            if counts == (0, 0) or time.monotonic() - t0 > self.cfg.lock_wait_s:
-                return counts, time.monotonic() - t0
+            waited = time.monotonic() - t0
+            if counts == (0, 0) or waited > self.cfg.lock_wait_s:
+                return counts, waited
+            if (counts is not None and counts[0] == 0 and waited > ORPHAN_SETTLE_S
+                    and counts[1] <= 2 * orphaned()):
+                return counts, waited
             time.sleep(0.25)
 
     def resources(self) -> dict[str, int]:
@@ -384,9 +394,16 @@ class ChaosRig:
         rec["messages"] = fault_log[-1].get("op_counts", {}) if fault_log else {}
         if out is not None:
             self.check_requests(plan, out, rec)
-        counts, waited = self.wait_locks_free()
+        counts, waited = self.wait_locks_free(lambda: orphaned_chunks(engine.log_since(log_offset)))
         rec["locks"], rec["lock_wait_s"] = counts, round(waited, 2)
-        if counts != (0, 0):
+        # LMCache cannot cancel a reservation: the write locks of stores whose PREPARE_STORE
+        # the connector gave up on (it logs each one) stay until the server's 600 s TTL. Any
+        # other lock, or more write locks than those notes explain, is a leak.
+        explained = 2 * orphaned_chunks(engine.log_since(log_offset))
+        if counts is not None and counts != (0, 0) and counts[0] == 0 and counts[1] <= explained:
+            rec["orphaned_write_locks"] = counts[1]
+            self.server.restart()  # the next episode starts from a clean server
+        elif counts != (0, 0):
             lost = sorted({f"{e['kind']} {e.get('dir')} {e.get('op')}" for e in fault_log
                            if e["kind"] in ("dropped", "truncated")})
             rec["failures"].append({"type": "locks_leaked", "detail": f"(read, write) = {counts} "
@@ -467,6 +484,14 @@ def first_difference(got: list[int], want: list[int]) -> int | None:
     return None
 
 
+_ORPHAN_NOTE = re.compile(r"holds (?:up to )?(\d+) chunk\(s\) write-reserved")
+
+
+def orphaned_chunks(log_text: str) -> int:
+    """Chunks the connector says the server may hold write-reserved for dropped stores."""
+    return sum(int(m.group(1)) for m in _ORPHAN_NOTE.finditer(log_text))
+
+
 def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Per fault kind (an episode counts for each of its kinds): runs, how many actually
     fired, requests, max request latency, max engine-step stall, failures by type."""
@@ -476,13 +501,15 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             row = table.setdefault(kind, {"runs": 0, "fired": 0, "requests": 0,
                                           "max_latency_s": 0.0, "max_stall_s": 0.0,
                                           "hung": 0, "failed": 0, "changed_tokens": 0,
-                                          "locks_leaked": 0, "engine": 0, "near_ties": 0})
+                                          "locks_leaked": 0, "engine": 0, "near_ties": 0,
+                                          "orphaned_writes": 0})
             row["runs"] += 1
             row["fired"] += kind in rec.get("fired", []) or kind == "none"
             row["requests"] += rec.get("n_requests", 0)
             row["max_latency_s"] = max(row["max_latency_s"], rec.get("max_latency_s", 0.0))
             row["max_stall_s"] = max(row["max_stall_s"], rec.get("stall_s", 0.0))
             row["near_ties"] += len(rec.get("near_ties", []))
+            row["orphaned_writes"] += rec.get("orphaned_write_locks", 0) // 2
             for f in rec["failures"]:
                 key = f["type"] if f["type"] in row else "engine"
                 row[key] += 1
@@ -491,7 +518,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def format_table(table: dict[str, dict[str, Any]]) -> str:
     cols = ("runs", "fired", "requests", "max_latency_s", "max_stall_s", "hung", "failed",
-            "changed_tokens", "locks_leaked", "engine", "near_ties")
+            "changed_tokens", "locks_leaked", "engine", "near_ties", "orphaned_writes")
     head = f"{'fault kind':<16}" + "".join(f"{c:>15}" for c in cols)
     lines = [head, "-" * len(head)]
     for kind, row in table.items():
