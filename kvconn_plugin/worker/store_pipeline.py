@@ -191,13 +191,18 @@ class StorePipeline:
 
     def _commit(self, p: PendingStore, data: bytes, committed: tuple[int, ...]) -> None:
         s = self.session
-        fut = s.client.commit_store_async(p.plan.key, s.instance_id, data)
+        try:
+            fut = s.client.commit_store_async(p.plan.key, s.instance_id, data)
+        except KVConnUnavailable as exc:
+            if not data:  # never sent, so the reservation is certainly still pending
+                s.unsettled_commits.add(p.plan.key, exc)
+            raise
         fut.add_done_callback(lambda f: self._committed(p, f, committed, retry=not data))
 
     def _committed(self, p: PendingStore, fut: ReplyFuture, committed: tuple[int, ...],
                    retry: bool = False) -> None:
         exc = fut.exception()
-        if retry and isinstance(exc, (KVConnTimeout, KVConnInFlightLost)):
+        if retry and isinstance(exc, (KVConnTimeout, KVConnInFlightLost, KVConnUnavailable)):
             # The server may never have seen it: its reservation would stay write-locked.
             self.session.unsettled_commits.add(p.plan.key, exc)
         if exc is None and fut.result() is not True:

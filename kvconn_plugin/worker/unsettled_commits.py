@@ -4,7 +4,8 @@ once it answers.
 A PREPARE_STORE write-reserves the chunks' objects until COMMIT_STORE or the server's write
 TTL (600 s), and LMCache 0.5.6 has no way to cancel a reservation. When a COMMIT_STORE
 times out, or the connection drops (or the heartbeat aborts it) with it in flight, we cannot
-tell whether the server applied it. Sending it again is safe either way, because the server
+tell whether the server applied it; when there was no connection to send it on, it surely
+did not. Sending it again is safe either way, because the server
 keeps the reservation under (instance, key) and a COMMIT_STORE pops it:
 
 * the first one was lost: the slots still hold the bytes we copied (only we write them),
