@@ -21,10 +21,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvconn_plugin.client.reply_future import ReplyFuture
-from kvconn_plugin.errors import KVConnInFlightLost, KVConnTimeout
+from kvconn_plugin.errors import (
+    KVConnClosed,
+    KVConnInFlightLost,
+    KVConnTimeout,
+    KVConnUnavailable,
+)
 
-# Recovery QUERYs for one lookup whose outcome is unknown; past that the read TTL frees it.
+# Recovery QUERYs for one lookup whose outcome is unknown, and how long they may go on
+# (from the LOOKUP). Past either, the locks are freed whole at once, or left to the read TTL.
 MAX_RECOVERY_QUERIES = 3
+RECOVERY_WINDOW_S = 30.0
 
 
 class LookupState(enum.Enum):
@@ -83,11 +90,21 @@ class RequestTracker:
 
     def _start_recovery(self, exc: BaseException) -> bool:
         """After a failed call: whether to send a recovery QUERY (the server may have acted)."""
-        if not isinstance(exc, (KVConnTimeout, KVConnInFlightLost)):
-            return False  # never reached the server, or we are closing
-        self.outcome_unknown = True
-        self.recovery_queries += 1
-        return self.recovery_queries <= MAX_RECOVERY_QUERIES
+        if isinstance(exc, (KVConnTimeout, KVConnInFlightLost)):
+            self.outcome_unknown = True
+            self.recovery_queries += 1
+            return (self.recovery_queries <= MAX_RECOVERY_QUERIES
+                    or self._within_recovery_window())
+        if (self.outcome_unknown and isinstance(exc, KVConnUnavailable)
+                and not isinstance(exc, KVConnClosed)):
+            # A recovery QUERY found no connection (a stopped or restarting server): the
+            # LOOKUP may still be carried out when it resumes, and a FREE sent before its
+            # prefetch is over releases nothing. Keep asking until the window closes.
+            return self._within_recovery_window()
+        return False  # never reached the server, or we are closing
+
+    def _within_recovery_window(self) -> bool:
+        return time.monotonic() - self.started_at < RECOVERY_WINDOW_S
 
     def advance(self, submit_query) -> None:
         """Move the lookup along without waiting; ``submit_query(rid)`` returns a ReplyFuture."""

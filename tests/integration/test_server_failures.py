@@ -453,6 +453,42 @@ def test_lookups_that_time_out_on_a_stalled_server_still_free_their_locks(server
         h.connector.shutdown()
 
 
+def test_lookups_lost_with_their_connection_to_a_stopped_server_are_recovered(server):
+    """A server stopped longer than every recovery QUERY's deadline (the heartbeat drops the
+    connection meanwhile): the LOOKUPs sent to it are still carried out when it resumes.
+    Their locks must be freed only once the server answers again and their prefetch is
+    over; a FREE sent earlier, or while the prefetch runs, releases nothing (chaos 7109)."""
+    h = SchedHarness.for_server(
+        server.url, {"lmcache.mp.mq_timeout": 1, "kvconn.lookup_timeout": 1,
+                     "lmcache.mp.heartbeat_interval": 1},
+        max_model_len=4096, max_num_batched_tokens=4096)
+    sched = h.connector._scheduler
+    model = h.vllm_config.model_config.model
+    try:
+        prompts = [_tokens(2 * CHUNK, 80 + i) for i in range(4)]
+        for p in prompts:
+            seed_server(server.url, model, [*p, 7])
+        server.freeze()
+        h.add(*(h.request(f"stop{i}", p + _tokens(40, 90 + i)) for i, p in enumerate(prompts)))
+        deadline = time.monotonic() + 7  # past 3 recovery QUERYs of 1 s each
+        while time.monotonic() < deadline:
+            h.step()
+            time.sleep(0.05)
+        os.killpg(server.process.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 60
+        while (h.scheduler.has_requests() or sched._closing) and time.monotonic() < deadline:
+            h.step()
+            time.sleep(0.01)
+        h.assert_empty()
+        assert not sched._closing
+        _wait_for(lambda: server_lock_counts(server) == (0, 0), 15,
+                  f"the server's read locks to drop (now {server_lock_counts(server)})")
+    finally:
+        if server.process is not None:
+            os.killpg(server.process.pid, signal.SIGCONT)
+        h.connector.shutdown()
+
+
 def test_an_idle_engine_still_frees_the_locks_of_its_last_requests(server):
     """Requests that finish while their lookup's outcome is unknown (the server stalled)
     are settled later. The engine may then have nothing left to run, so no scheduler step

@@ -8,7 +8,12 @@ import pytest
 
 from kvconn_plugin.client.reply_future import ReplyFuture
 from kvconn_plugin.errors import KVConnClosed, KVConnInFlightLost, KVConnTimeout, KVConnUnavailable
-from kvconn_plugin.scheduler.tracker import MAX_RECOVERY_QUERIES, LookupState, RequestTracker
+from kvconn_plugin.scheduler.tracker import (
+    MAX_RECOVERY_QUERIES,
+    RECOVERY_WINDOW_S,
+    LookupState,
+    RequestTracker,
+)
 
 
 def _done(value=None, exc=None) -> ReplyFuture:
@@ -71,6 +76,40 @@ def test_a_timed_out_query_is_retried_a_bounded_number_of_times():
         q.sent[-1].set_exception(KVConnTimeout("late"))
         tr.advance(q)
         assert tr.state is LookupState.QUERYING and len(q.sent) == i + 2
+    tr.started_at -= RECOVERY_WINDOW_S  # the recovery window is over as well
     q.sent[-1].set_exception(KVConnTimeout("late"))
     tr.advance(q)
     assert tr.state is LookupState.FAILED and tr.outcome_unknown  # the TTL takes it from here
+
+
+def test_recovery_outlasts_a_stopped_server_within_its_window():
+    """With no connection (the server stopped, the heartbeat dropped the connection) the
+    recovery QUERY fails at once, but the LOOKUP may still be carried out when the server
+    resumes: keep asking, past the count, until the window closes."""
+    tr, q = _tracker(), Queries()
+    tr.on_ack(_done(exc=KVConnTimeout("stopped")), q)
+    for _ in range(3 * MAX_RECOVERY_QUERIES):
+        q.sent[-1].set_exception(KVConnTimeout("still stopped"))
+        tr.advance(q)
+        q.sent[-1].set_exception(KVConnUnavailable("connection dropped"))
+        tr.advance(q)
+        assert tr.state is LookupState.QUERYING
+    q.sent[-1].set_result(3)  # the server answers: its prefetch is over
+    tr.advance(q)
+    assert tr.state is LookupState.FAILED and tr.outcome_unknown  # freed whole, exactly once
+    tr2, q2 = _tracker(), Queries()
+    tr2.on_ack(_done(exc=KVConnTimeout("stopped")), q2)
+    tr2.started_at -= RECOVERY_WINDOW_S
+    q2.sent[-1].set_exception(KVConnUnavailable("connection dropped"))
+    tr2.advance(q2)
+    assert tr2.state is LookupState.FAILED
+
+
+def test_no_connection_for_the_first_query_is_a_plain_miss():
+    tr, q = _tracker(), Queries()
+    tr.on_ack(_done(None), q)
+    q.sent[-1].set_exception(KVConnUnavailable("never sent"))
+    tr.advance(q)
+    assert tr.state is LookupState.FAILED and not tr.outcome_unknown
+    tr.on_ack(_done(exc=KVConnClosed("closing")), q)
+    assert tr.state is LookupState.FAILED
