@@ -229,22 +229,25 @@ def test_hit_covered_by_vllms_own_cache_is_not_stored_again(server):
     h.connector.shutdown()
 
 
-def test_shutdown_frees_the_locks_of_hits_still_waiting(server):
+def test_shutdown_frees_the_locks_of_hits_still_waiting(lmcache_server_factory):
     """A request whose lookup hit but whose load vLLM never planned (still waiting when the
     engine stops, as in a rolling restart) leaves no read locks behind: they would pin its
     chunks until the server's TTL."""
+    server = lmcache_server_factory()  # lock counts are the whole server's: no one else's
     h = _harness(server)
-    toks = _tokens(700, 8)
-    _seed_server(server, h.vllm_config.model_config.model, toks)
-    before = server_lock_counts(server)
-    req = h.request("waiting", toks)
-    h.add(req)  # vLLM sends the lookup on arrival; the request is never scheduled
-    sched = h.connector._scheduler
-    for _ in range(2000):
-        if sched.get_num_new_matched_tokens(req, 0)[0] is not None:
-            break
-        time.sleep(0.005)
-    assert sched.lookup_hit_tokens("waiting") == 512
-    assert server_lock_counts(server)[0] > before[0]  # the hit's chunks are read-locked
-    h.connector.shutdown()
-    assert server_lock_counts(server) == before
+    try:
+        toks = _tokens(700, 8)
+        _seed_server(server, h.vllm_config.model_config.model, toks)
+        assert server_lock_counts(server) == (0, 0)
+        req = h.request("waiting", toks)
+        h.add(req)  # vLLM sends the lookup on arrival; the request is never scheduled
+        sched = h.connector._scheduler
+        for _ in range(2000):
+            if sched.get_num_new_matched_tokens(req, 0)[0] is not None:
+                break
+            time.sleep(0.005)
+        assert sched.lookup_hit_tokens("waiting") == 512
+        assert server_lock_counts(server)[0] > 0  # the hit's chunks are read-locked
+    finally:
+        h.connector.shutdown()
+    assert server_lock_counts(server) == (0, 0)
