@@ -23,8 +23,8 @@ demo: env
 env-033:
 	VENV033=$(VENV033) bash scripts/setup_env_033.sh
 
-# The chaos episodes (marker "chaos") still leak server locks LMCache cannot release early
-# (see README, Chaos testing); they run with `make test-chaos` until that is settled.
+# The chaos episodes (marker "chaos") run with `make test-chaos` until an intermittent read
+# lock left in episode 7105 is explained (see README, Chaos testing).
 RUN_032 = $(PY) -m pytest -q tests -m "not chaos"
 # The LMCache server comes from the main environment ($(VENV)); the soak is shortened.
 RUN_033 = VLLM_TARGET_DEVICE=cpu KVCONN_TEST_LMCACHE_BIN=$(abspath $(VENV))/bin/lmcache \
