@@ -483,6 +483,10 @@ class SchedulerAdapter:
             self._drain_closing()
             self.client.flush()
 
+    def _closing_ids(self) -> set[str]:
+        with self._closing_lock:  # the health thread may be deleting entries
+            return {tr.request_id for tr, _ in self._closing.values()}
+
     def _drain_closing_locked(self) -> None:
         now = time.monotonic()
         for key, (tr, deadline) in list(self._closing.items()):
@@ -521,7 +525,7 @@ class SchedulerAdapter:
         # server): once they hold none, one more CLEAR follows (_maybe_reclear).
         busy = {rid for rid, tr in self._trackers.items()
                 if tr.loading or tr.in_flight or not tr.locks_settled}
-        busy.update(tr.request_id for tr, _ in self._closing.values())
+        busy.update(self._closing_ids())
         for tr in list(self._trackers.values()):
             if tr.loading:
                 continue  # its chunks are locked, so kept; the workers report the load
@@ -546,7 +550,7 @@ class SchedulerAdapter:
     def _maybe_reclear(self) -> None:
         """After a reset: CLEAR again (without waiting) once the lookups and loads that
         kept chunks locked through it are over, so none of those chunks outlives it."""
-        closing = {tr.request_id for tr, _ in self._closing.values()}
+        closing = self._closing_ids()
         get = self._trackers.get
         self._reclear = {rid for rid in self._reclear if rid in closing
                          or ((tr := get(rid)) is not None and (tr.loading or tr.in_flight))}
