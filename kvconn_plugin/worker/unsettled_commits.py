@@ -21,73 +21,33 @@ a pickled commit carries the bytes and is not kept.
 
 from __future__ import annotations
 
-import logging
-import threading
-from collections import deque
-
 from kvconn_plugin.client.protocol import CacheKey
-from kvconn_plugin.errors import KVConnClosed, KVConnError
+from kvconn_plugin.worker.settle_queue import MAX_ATTEMPTS, SettleQueue, ident
 
-logger = logging.getLogger(__name__)
-
-# Past this many pending keys the oldest are left to the server's write TTL.
-MAX_PENDING = 256
-# Attempts per key (each bounded by the caller's timeout) before the TTL is left to it.
-MAX_ATTEMPTS = 3
-# Keys committed per call, so one heartbeat never runs long.
-PER_CALL = 8
+__all__ = ["MAX_ATTEMPTS", "UnsettledCommits"]
 
 
-def _ident(key: CacheKey) -> tuple:
-    return (key.request_id, key.worker_id, key.start, key.end)
+class UnsettledCommits(SettleQueue):
+    what = "write reservation"
 
-
-class UnsettledCommits:
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._keys: deque[tuple[CacheKey, int]] = deque(maxlen=MAX_PENDING)
+        super().__init__()
         self.recovered = 0  # reservations a retry committed (the first COMMIT was lost)
 
     def add(self, key: CacheKey, exc: BaseException) -> None:
-        """A COMMIT_STORE of ``key`` ended with ``exc`` and an unknown outcome."""
-        if isinstance(exc, KVConnClosed) or key.end <= key.start:
-            return
-        ident = _ident(key)
-        with self._lock:
-            if all(_ident(k) != ident for k, _ in self._keys):
-                self._keys.append((key, 0))
+        """A COMMIT_STORE of ``key`` ended with ``exc`` and an unknown outcome (or unsent)."""
+        self._push(key, exc)
 
     def forget(self, key: CacheKey) -> None:
         """A PREPARE_STORE of ``key`` is about to go out: never retry the old commit."""
-        ident = _ident(key)
+        i = ident(key)
         with self._lock:
-            if self._keys and any(_ident(k) == ident for k, _ in self._keys):
-                self._keys = deque(((k, a) for k, a in self._keys if _ident(k) != ident),
-                                   maxlen=MAX_PENDING)
+            if self._keys and any(ident(k) == i for k, _ in self._keys):
+                kept = [(k, a) for k, a in self._keys if ident(k) != i]
+                self._keys.clear()
+                self._keys.extend(kept)
 
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._keys)
+    def _settle_one(self, client, key: CacheKey, instance_id: int, timeout: float) -> None:
+        if client.commit_store_within(key, instance_id, timeout):
+            self.recovered += 1
 
-    def settle(self, client, instance_id: int, timeout: float) -> int:
-        """Commit up to ``PER_CALL`` keys again (blocking, each within ``timeout``); returns
-        how many got an answer. Call only while the server answers."""
-        done = 0
-        for _ in range(PER_CALL):
-            with self._lock:
-                if not self._keys:
-                    break
-                key, attempts = self._keys.popleft()
-            try:
-                if client.commit_store_within(key, instance_id, timeout):
-                    self.recovered += 1
-                done += 1
-            except KVConnError as exc:
-                if attempts + 1 < MAX_ATTEMPTS and not isinstance(exc, KVConnClosed):
-                    with self._lock:
-                        self._keys.append((key, attempts + 1))
-                else:
-                    logger.debug("kvconn: leaving the write reservation of %s to the "
-                                 "server's TTL (%s)", key.request_id, exc)
-                break  # the server stopped answering: the next heartbeat tries again
-        return done

@@ -21,66 +21,21 @@ later load of the same key can be confused with the recovery.
 
 from __future__ import annotations
 
-import logging
-import threading
-from collections import deque
-
 from kvconn_plugin.client.protocol import CacheKey
-from kvconn_plugin.errors import KVConnClosed, KVConnError
+from kvconn_plugin.worker.settle_queue import MAX_ATTEMPTS, SettleQueue
 
-logger = logging.getLogger(__name__)
-
-# Past this many pending keys the oldest are left to the server's read TTL.
-MAX_PENDING = 256
-# Attempts per key (each bounded by the caller's timeout) before the TTL is left to it.
-MAX_ATTEMPTS = 3
-# Keys settled per call, so one heartbeat never runs long.
-PER_CALL = 8
+__all__ = ["MAX_ATTEMPTS", "UnsettledLoads"]
 
 
-class UnsettledLoads:
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._keys: deque[tuple[CacheKey, int]] = deque(maxlen=MAX_PENDING)
+class UnsettledLoads(SettleQueue):
+    what = "read locks"
 
     def add(self, key: CacheKey, exc: BaseException | None = None) -> None:
-        """A load's PREPARE_RETRIEVE failed with ``exc`` (or was never sent: None)."""
-        if isinstance(exc, KVConnClosed) or key.end <= key.start:
-            return  # shutting down, or a load that never covered any chunk
-        ident = _ident(key)
-        with self._lock:
-            # Once per load: a second recovery would release another reader's lock.
-            if all(_ident(k) != ident for k, _ in self._keys):
-                self._keys.append((key, 0))
+        """A load's PREPARE_RETRIEVE failed with ``exc`` (or was never sent: None). Once per
+        load: a second recovery would release another reader's lock."""
+        self._push(key, exc)
 
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._keys)
-
-    def settle(self, client, instance_id: int, timeout: float) -> int:
-        """Release the locks of up to ``PER_CALL`` keys (blocking, each within ``timeout``);
-        returns how many were settled. Call only while the server answers."""
-        done = 0
-        for _ in range(PER_CALL):
-            with self._lock:
-                if not self._keys:
-                    break
-                key, attempts = self._keys.popleft()
-            try:
-                reply = client.prepare_retrieve_within(key, instance_id, timeout)
-                if reply.success:
-                    client.commit_retrieve_async(key, instance_id)
-                done += 1
-            except KVConnError as exc:
-                if attempts + 1 < MAX_ATTEMPTS and not isinstance(exc, KVConnClosed):
-                    with self._lock:
-                        self._keys.append((key, attempts + 1))
-                else:
-                    logger.debug("kvconn: leaving the read locks of %s to the server's TTL "
-                                 "(%s)", key.request_id, exc)
-                break  # the server stopped answering: the next heartbeat tries again
-        return done
-
-
-def _ident(key: CacheKey) -> tuple:
-    return (key.request_id, key.worker_id, key.start, key.end)
+    def _settle_one(self, client, key: CacheKey, instance_id: int, timeout: float) -> None:
+        reply = client.prepare_retrieve_within(key, instance_id, timeout)
+        if reply.success:
+            client.commit_retrieve_async(key, instance_id)

@@ -1,0 +1,71 @@
+"""A bounded queue of keys whose effect on the server must be settled once it answers again
+(the worker's heartbeat drains it): what ``UnsettledLoads`` and ``UnsettledCommits`` share."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+
+from kvconn_plugin.client.protocol import CacheKey
+from kvconn_plugin.errors import KVConnClosed, KVConnError
+
+logger = logging.getLogger(__name__)
+
+# Past this many pending keys the oldest are left to the server's TTL.
+MAX_PENDING = 256
+# Attempts per key (each bounded by the caller's timeout) before the TTL is left to it.
+MAX_ATTEMPTS = 3
+# Keys settled per call, so one heartbeat never runs long.
+PER_CALL = 8
+
+
+def ident(key: CacheKey) -> tuple:
+    return (key.request_id, key.worker_id, key.start, key.end)
+
+
+class SettleQueue:
+    """Each key at most once; ``settle`` runs ``_settle_one`` on up to ``PER_CALL`` of them."""
+
+    what = "locks"  # for the give-up log line
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._keys: deque[tuple[CacheKey, int]] = deque(maxlen=MAX_PENDING)
+
+    def _push(self, key: CacheKey, exc: BaseException | None) -> None:
+        if isinstance(exc, KVConnClosed) or key.end <= key.start:
+            return  # shutting down, or nothing that covered a chunk
+        i = ident(key)
+        with self._lock:
+            if all(ident(k) != i for k, _ in self._keys):
+                self._keys.append((key, 0))
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._keys)
+
+    def settle(self, client, instance_id: int, timeout: float) -> int:
+        """Settle up to ``PER_CALL`` keys (blocking, each within ``timeout``); returns how
+        many got an answer. Call only while the server answers."""
+        done = 0
+        for _ in range(PER_CALL):
+            with self._lock:
+                if not self._keys:
+                    break
+                key, attempts = self._keys.popleft()
+            try:
+                self._settle_one(client, key, instance_id, timeout)
+                done += 1
+            except KVConnError as exc:
+                if attempts + 1 < MAX_ATTEMPTS and not isinstance(exc, KVConnClosed):
+                    with self._lock:
+                        self._keys.append((key, attempts + 1))
+                else:
+                    logger.debug("kvconn: leaving the %s of %s to the server's TTL (%s)",
+                                 self.what, key.request_id, exc)
+                break  # the server stopped answering: the next heartbeat tries again
+        return done
+
+    def _settle_one(self, client, key: CacheKey, instance_id: int, timeout: float) -> None:
+        raise NotImplementedError
