@@ -8,6 +8,7 @@ really gathered and scattered. "In flight" is made deterministic by freezing the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -418,39 +419,55 @@ def test_require_server_fails_start_up_naming_the_address(lmcache_server_factory
     assert srv.url in str(err.value) and "require_server" in str(err.value)
 
 
+@contextlib.contextmanager
+def _frozen_server_with_hits(server, n: int, seed: int, heartbeat: float):
+    """A scheduler harness (1 s lookup and control deadlines) on ``server``, which holds two
+    seeded chunks of each of ``n`` prompts and is then frozen (SIGSTOP). Yields
+    ``(harness, prompts)``; resumes the server and shuts the connector down after."""
+    h = SchedHarness.for_server(
+        server.url, {"lmcache.mp.mq_timeout": 1, "kvconn.lookup_timeout": 1,
+                     "lmcache.mp.heartbeat_interval": heartbeat},
+        max_model_len=4096, max_num_batched_tokens=4096)
+    model = h.vllm_config.model_config.model
+    try:
+        prompts = [_tokens(2 * CHUNK, seed + i) for i in range(n)]
+        for p in prompts:
+            seed_server(server.url, model, [*p, 7])
+        assert server_lock_counts(server) == (0, 0)
+        server.freeze()
+        yield h, prompts
+    finally:
+        if server.process is not None:
+            os.killpg(server.process.pid, signal.SIGCONT)
+        h.connector.shutdown()
+
+
+def _run_until_settled_and_unlocked(h: SchedHarness, server) -> None:
+    """Step until every request and every unsettled lookup is done, then wait for the
+    server's read locks to drop."""
+    sched = h.connector._scheduler
+    deadline = time.monotonic() + 60
+    while (h.scheduler.has_requests() or sched._closing) and time.monotonic() < deadline:
+        h.step()
+        time.sleep(0.01)
+    h.assert_empty()
+    assert not sched._closing
+    _wait_for(lambda: server_lock_counts(server) == (0, 0), 15,
+              f"the server's read locks to drop (now {server_lock_counts(server)})")
+
+
 def test_lookups_that_time_out_on_a_stalled_server_still_free_their_locks(server):
     """LOOKUPs sent to a stalled server time out on our side, but the server carries them
     out once it resumes and read-locks the hit chunks. The connector must recover those
     locks (one more QUERY, then FREE_LOOKUP_LOCKS) rather than leave them pinned for the
     server's 300 s read TTL; the requests themselves are served as misses."""
-    h = SchedHarness.for_server(
-        server.url, {"lmcache.mp.mq_timeout": 1, "kvconn.lookup_timeout": 1,
-                     "lmcache.mp.heartbeat_interval": 30},
-        max_model_len=4096, max_num_batched_tokens=4096)
-    sched = h.connector._scheduler
-    model = h.vllm_config.model_config.model
-    try:
-        prompts = [_tokens(2 * CHUNK, 40 + i) for i in range(6)]
-        for p in prompts:
-            seed_server(server.url, model, [*p, 7])
-        assert server_lock_counts(server) == (0, 0)
-        server.freeze()
+    with _frozen_server_with_hits(server, 6, 40, heartbeat=30) as (h, prompts):
         h.add(*(h.request(f"s{i}", p + _tokens(40, 50 + i)) for i, p in enumerate(prompts)))
         h.step()  # lookups go out to the stalled server
         time.sleep(1.6)  # their acks time out (1 s); recovery QUERYs queue behind them
         os.killpg(server.process.pid, signal.SIGCONT)
-        deadline = time.monotonic() + 60
-        while (h.scheduler.has_requests() or sched._closing) and time.monotonic() < deadline:
-            h.step()
-            time.sleep(0.01)
-        h.assert_empty()
-        assert not sched._closing and not sched._trackers
-        _wait_for(lambda: server_lock_counts(server) == (0, 0), 15,
-                  f"the server's read locks to drop (now {server_lock_counts(server)})")
-    finally:
-        if server.process is not None:
-            os.killpg(server.process.pid, signal.SIGCONT)
-        h.connector.shutdown()
+        _run_until_settled_and_unlocked(h, server)
+        assert not h.connector._scheduler._trackers
 
 
 def test_lookups_lost_with_their_connection_to_a_stopped_server_are_recovered(server):
@@ -458,35 +475,14 @@ def test_lookups_lost_with_their_connection_to_a_stopped_server_are_recovered(se
     connection meanwhile): the LOOKUPs sent to it are still carried out when it resumes.
     Their locks must be freed only once the server answers again and their prefetch is
     over; a FREE sent earlier, or while the prefetch runs, releases nothing (chaos 7109)."""
-    h = SchedHarness.for_server(
-        server.url, {"lmcache.mp.mq_timeout": 1, "kvconn.lookup_timeout": 1,
-                     "lmcache.mp.heartbeat_interval": 1},
-        max_model_len=4096, max_num_batched_tokens=4096)
-    sched = h.connector._scheduler
-    model = h.vllm_config.model_config.model
-    try:
-        prompts = [_tokens(2 * CHUNK, 80 + i) for i in range(4)]
-        for p in prompts:
-            seed_server(server.url, model, [*p, 7])
-        server.freeze()
+    with _frozen_server_with_hits(server, 4, 80, heartbeat=1) as (h, prompts):
         h.add(*(h.request(f"stop{i}", p + _tokens(40, 90 + i)) for i, p in enumerate(prompts)))
         deadline = time.monotonic() + 7  # past 3 recovery QUERYs of 1 s each
         while time.monotonic() < deadline:
             h.step()
             time.sleep(0.05)
         os.killpg(server.process.pid, signal.SIGCONT)
-        deadline = time.monotonic() + 60
-        while (h.scheduler.has_requests() or sched._closing) and time.monotonic() < deadline:
-            h.step()
-            time.sleep(0.01)
-        h.assert_empty()
-        assert not sched._closing
-        _wait_for(lambda: server_lock_counts(server) == (0, 0), 15,
-                  f"the server's read locks to drop (now {server_lock_counts(server)})")
-    finally:
-        if server.process is not None:
-            os.killpg(server.process.pid, signal.SIGCONT)
-        h.connector.shutdown()
+        _run_until_settled_and_unlocked(h, server)
 
 
 def test_an_idle_engine_still_frees_the_locks_of_its_last_requests(server):
@@ -494,24 +490,15 @@ def test_an_idle_engine_still_frees_the_locks_of_its_last_requests(server):
     are settled later. The engine may then have nothing left to run, so no scheduler step
     comes to do it: the health thread must, or their chunks stay read-locked for the
     server's 300 s TTL (found by the chaos harness: a dropped QUERY reply, then idle)."""
-    h = SchedHarness.for_server(
-        server.url, {"lmcache.mp.mq_timeout": 1, "kvconn.lookup_timeout": 1,
-                     "lmcache.mp.heartbeat_interval": 1},
-        max_model_len=4096, max_num_batched_tokens=4096)
-    sched = h.connector._scheduler
-    model = h.vllm_config.model_config.model
-    try:
-        prompts = [_tokens(2 * CHUNK, 60 + i) for i in range(4)]
-        for p in prompts:
-            seed_server(server.url, model, [*p, 7])
-        server.freeze()
+    from vllm.v1.request import RequestStatus
+
+    with _frozen_server_with_hits(server, 4, 60, heartbeat=1) as (h, prompts):
+        sched = h.connector._scheduler
         ids = [f"idle{i}" for i in range(len(prompts))]
         h.add(*(h.request(rid, p + _tokens(40, 70 + i))
                 for i, (rid, p) in enumerate(zip(ids, prompts, strict=True))))
         h.step()  # lookups go out to the stalled server
         time.sleep(1.6)  # they time out on our side; the server will still carry them out
-        from vllm.v1.request import RequestStatus
-
         h.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
         assert sched._closing, "nothing left to settle: the test lost its point"
         os.killpg(server.process.pid, signal.SIGCONT)
@@ -519,10 +506,6 @@ def test_an_idle_engine_still_frees_the_locks_of_its_last_requests(server):
         _wait_for(lambda: not sched._closing, 20, "the finished lookups to settle")
         _wait_for(lambda: server_lock_counts(server) == (0, 0), 15,
                   f"the server's read locks to drop (now {server_lock_counts(server)})")
-    finally:
-        if server.process is not None:
-            os.killpg(server.process.pid, signal.SIGCONT)
-        h.connector.shutdown()
 
 
 class _Via:
