@@ -213,7 +213,7 @@ class SchedulerAdapter:
         if tr.state is not LookupState.DONE or not self.healthy:
             return 0, False
         chunk = self.chunk_size or 1
-        hit = min(tr.hit_chunks * chunk, tr.lookup_end)
+        hit = tr.hit_end(chunk)
         if hit <= num_computed_tokens:
             return 0, False
         return hit - num_computed_tokens, True
@@ -238,14 +238,14 @@ class SchedulerAdapter:
             if tr.state is LookupState.DONE and tr.hit_chunks and not tr.load_failed:
                 # vLLM's own cache covered the hit, but the server holds those chunks (maybe
                 # only in L2): storing them again would only copy them back up.
-                hit_end = min(tr.hit_chunks * (self.chunk_size or 1), tr.lookup_end)
+                hit_end = tr.hit_end(self.chunk_size or 1)
                 tr.stored_end = max(tr.stored_end, hit_end)
             tr.load_from = -1
             self._release_locks(tr)
             return
         chunk = self.chunk_size or 1
         # vLLM has not advanced num_computed_tokens yet: our answer was hit - local_hit.
-        end = min(tr.hit_chunks * chunk, tr.lookup_end)
+        end = tr.hit_end(chunk)
         computed = end - num_external_tokens
         start = computed // chunk * chunk
         groups = self._groups_of(blocks.get_block_ids())
@@ -295,7 +295,7 @@ class SchedulerAdapter:
                 # The server releases exactly what this request's prefetch locked, if anything.
                 self._free_locks(tr, tr.lookup_end)
             return  # otherwise the lookup never reached the server: nothing is locked
-        locked_end = min(tr.hit_chunks * (self.chunk_size or 1), tr.lookup_end)
+        locked_end = tr.hit_end(self.chunk_size or 1)
         free_end = locked_end if tr.load_from < 0 else tr.load_from
         tr.locks_settled = True
         if free_end > 0:
@@ -503,7 +503,7 @@ class SchedulerAdapter:
         tr = self._trackers.get(request_id)
         if tr is None or tr.state is not LookupState.DONE:
             return 0
-        return min(tr.hit_chunks * (self.chunk_size or 1), tr.lookup_end)
+        return tr.hit_end(self.chunk_size or 1)
 
     # ------------------------------------------------------------------ reset
 
@@ -577,7 +577,7 @@ class SchedulerAdapter:
         for tr in list(self._trackers.values()):
             if tr.load_from is not None or tr.locks_settled or tr.state is not LookupState.DONE:
                 continue
-            end = min(tr.hit_chunks * (self.chunk_size or 0), tr.lookup_end)
+            end = tr.hit_end(self.chunk_size or 0)
             tr.locks_settled = True
             if end <= 0:
                 continue

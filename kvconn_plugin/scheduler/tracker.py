@@ -53,8 +53,6 @@ class RequestTracker:
     query_future: ReplyFuture | None = None
     started_at: float = field(default_factory=time.monotonic)
     hit_chunks: int = 0
-    # Read locks on [0, locked_end) are ours until loaded, freed, or the server's TTL.
-    locked_end: int = 0
     locks_settled: bool = False
     # None until vLLM allocated (or finished) the request; then the first token we load
     # from, or -1 when nothing is loaded. Decides which locks to free.
@@ -129,6 +127,11 @@ class RequestTracker:
                 return
             self.hit_chunks = int(result)
             self.state = LookupState.DONE
+
+    def hit_end(self, chunk: int) -> int:
+        """End of the hit, in tokens: the lookup's read locks cover [0, hit_end) until they
+        are loaded, freed, or the server's TTL ends them."""
+        return min(self.hit_chunks * chunk, self.lookup_end)
 
     def timed_out(self, now: float, timeout: float) -> bool:
         """A lookup this old is treated as a miss for scheduling. It keeps advancing so
