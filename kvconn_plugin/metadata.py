@@ -27,6 +27,14 @@ class TransferSpec:
     # Block ids of the other KV cache groups of a hybrid model, as long as ``block_ids``
     # (a sliding-window group's skipped prefix is vLLM's null block, 0).
     other_groups: tuple[tuple[int, ...], ...] = ()
+    # The server session of the lookup that locked a retrieve's chunks, when it is not
+    # the request id (a lookup after a preemption; a multi-L1 server reads the locks'
+    # owners from that session).
+    session_id: str = ""
+
+    @property
+    def server_request_id(self) -> str:
+        return self.session_id or self.request_id
 
     def group_block_ids(self) -> tuple[tuple[int, ...], ...]:
         return (self.block_ids, *self.other_groups)

@@ -136,7 +136,7 @@ class SchedulerAdapter:
             token_ids=_prefix(tr.request.all_token_ids, max(end, tr.lookup_end)),
             start=start,
             end=end,
-            request_id=tr.request_id,
+            request_id=tr.session_id,
             cache_salt=tr.cache_salt,
             num_kv_readers=self.ranks.num_kv_readers,
         )
@@ -279,6 +279,7 @@ class SchedulerAdapter:
             cache_salt=tr.cache_salt,
             skip_blocks=(computed - start) // self.block_size,
             other_groups=tuple(tuple(g[first:last]) for g in groups[1:]),
+            session_id=tr.session_id if tr.generation else "",
         ))
         self.stats.record("hit_tokens", num_external_tokens)
         self._release_locks(tr)
@@ -414,10 +415,7 @@ class SchedulerAdapter:
             if not tr.locks_settled:
                 self._closing[f"{tr.request_id}#pre{id(tr)}"] = (
                     tr, time.monotonic() + DRAIN_TIMEOUT)
-        fresh = RequestTracker(tr.request_id, tr.request, tr.cache_salt)
-        fresh.stored_end = tr.stored_end
-        fresh.load_failed = tr.load_failed
-        self._trackers[tr.request_id] = fresh
+        self._trackers[tr.request_id] = tr.resumed()
 
     def update_connector_output(self, output: Any) -> None:
         invalid = output.invalid_block_ids or ()
@@ -459,15 +457,17 @@ class SchedulerAdapter:
         self._release_locks(tr)
         if not tr.locks_settled:
             return False
-        if final:
-            self._end_session(tr)
+        if final or tr.generation:
+            self._end_session(tr, final)
         return True
 
-    def _end_session(self, tr: RequestTracker) -> None:
-        if tr.state is LookupState.IDLE:
-            return  # never looked up: the server has no session for it
-        with contextlib.suppress(KVConnError):
-            self.client.end_session_async(tr.request_id)
+    def _end_session(self, tr: RequestTracker, final: bool = True) -> None:
+        ids = [] if tr.state is LookupState.IDLE else [tr.session_id]  # IDLE: never looked up
+        if final and tr.generation:
+            ids.append(tr.request_id)  # the first lookup's session, ended with the request
+        for sid in ids:
+            with contextlib.suppress(KVConnError):
+                self.client.end_session_async(sid)
 
     def _drain_closing(self) -> None:
         """Retry finished requests whose lookup result was still unknown (once per step)."""
@@ -495,8 +495,8 @@ class SchedulerAdapter:
                 del self._closing[key]
             elif now >= deadline:
                 del self._closing[key]  # given up: the server's lock TTL frees the rest
-                if final:
-                    self._end_session(tr)
+                if final or tr.generation:
+                    self._end_session(tr, final)
 
     def lookup_hit_tokens(self, request_id: str) -> int:
         """Tokens the server had for this request's prefix (0 until the lookup is done)."""

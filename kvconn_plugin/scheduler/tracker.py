@@ -47,6 +47,8 @@ class RequestTracker:
     request_id: str
     request: Any  # vllm Request; kept for token ids and progress
     cache_salt: str
+    # Lookups of this request before this one (one per preemption): see ``session_id``.
+    generation: int = 0
     state: LookupState = LookupState.IDLE
     lookup_end: int = 0            # tokens covered by the LOOKUP key
     lookup_future: ReplyFuture | None = None
@@ -68,6 +70,22 @@ class RequestTracker:
     outcome_unknown: bool = False
     recovery_queries: int = 0
 
+    @property
+    def session_id(self) -> str:
+        """The server-side id of this lookup. The server keeps one prefetch job per id,
+        so a lookup after a preemption, sent while the previous one's result is unread,
+        would orphan that one's read locks (and could take its result) under the same id."""
+        return self.request_id if not self.generation else f"{self.request_id}~{self.generation}"
+
+    def resumed(self) -> RequestTracker:
+        """The tracker of this request after a preemption: a fresh lookup under its own
+        session id, keeping what is known to be stored and whether a load failed."""
+        fresh = RequestTracker(self.request_id, self.request, self.cache_salt,
+                               generation=self.generation + 1)
+        fresh.stored_end = self.stored_end
+        fresh.load_failed = self.load_failed
+        return fresh
+
     def on_ack(self, fut: ReplyFuture, submit_query) -> None:
         """LOOKUP acknowledged (runs on the client's I/O thread): ask for the result right
         away instead of a scheduler step later. The only place the first QUERY is sent,
@@ -80,7 +98,7 @@ class RequestTracker:
             self.state = LookupState.FAILED
             return
         try:
-            self.query_future = submit_query(self.request_id)
+            self.query_future = submit_query(self.session_id)
         except Exception:  # closed client: count as a miss
             self.state = LookupState.FAILED
             return
@@ -112,13 +130,13 @@ class RequestTracker:
             exc = self.query_future.exception()
             if exc is not None:
                 if self._start_recovery(exc):
-                    self.query_future = submit_query(self.request_id)
+                    self.query_future = submit_query(self.session_id)
                 else:
                     self.state = LookupState.FAILED
                 return
             result = self.query_future.result()
             if result is None:  # server still prefetching: ask again next time
-                self.query_future = submit_query(self.request_id)
+                self.query_future = submit_query(self.session_id)
                 return
             if self.outcome_unknown:
                 # Prefetch over; its count may have gone to a reply we dropped (a second

@@ -277,7 +277,7 @@ class ServerSession:
             token_ids=list(spec.token_ids),
             start=spec.start,
             end=spec.end,
-            request_id=spec.request_id,
+            request_id=spec.server_request_id,
             cache_salt=spec.cache_salt,
             num_kv_readers=self.ranks.num_kv_readers,
         )

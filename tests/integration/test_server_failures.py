@@ -508,6 +508,33 @@ def test_an_idle_engine_still_frees_the_locks_of_its_last_requests(server):
                   f"the server's read locks to drop (now {server_lock_counts(server)})")
 
 
+def test_a_lookup_after_a_preemption_leaves_no_lock_of_the_one_before(server):
+    """A request whose lookup timed out runs as a miss while that lookup stays unsettled;
+    preempted, it is looked up again when it resumes. The server keeps one prefetch job
+    per session id: sent under the same id, the second LOOKUP replaced the first one's
+    job, whose read locks nobody could free any more, and the first lookup's QUERY took
+    the second one's result (chaos 7105: 1-2 chunks read-locked after balanced traffic).
+    Both lookups are queued at a stalled server here, so it sees them back to back."""
+    from vllm.v1.request import RequestStatus
+
+    with _frozen_server_with_hits(server, 1, 120, heartbeat=30) as (h, prompts):
+        sched = h.connector._scheduler
+        h.add(h.request("pre0", prompts[0] + _tokens(40, 130)))
+        h.step()  # the first LOOKUP goes out to the stalled server
+        first = sched._trackers["pre0"]
+        assert first.in_flight
+        sched._reset_for_resume(first)  # what a preemption of the request does
+        h.step()  # the resumed request's LOOKUP follows it
+        second = sched._trackers["pre0"]
+        assert second is not first and second.in_flight
+        assert second.session_id != first.session_id
+        # Aborted before either answer: no load takes the hit's locks, so every lock
+        # either lookup took must be freed by the connector.
+        h.scheduler.finish_requests(["pre0"], RequestStatus.FINISHED_ABORTED)
+        os.killpg(server.process.pid, signal.SIGCONT)
+        _run_until_settled_and_unlocked(h, server)
+
+
 class _Via:
     """What ``Worker`` needs of a server (its address), for a fault proxy's address."""
 
