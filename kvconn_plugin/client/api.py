@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import uuid
 
+from kvconn_plugin.client.lock_frees import LockFrees
 from kvconn_plugin.client.protocol import (
     BlockAllocationRecord,
     CacheKey,
@@ -59,6 +60,11 @@ class LMCacheClient:
         self.transfer_timeout = transfer_timeout
         # Async calls stay queued until flush() (one I/O wake-up per scheduler step).
         self._wake = not defer_wake
+        self._frees = LockFrees(
+            lambda key, tp: self.transport.submit(Op.FREE_LOOKUP_LOCKS, key, tp,
+                                                  timeout=control_timeout, wake=self._wake),
+            lambda rid: self.transport.submit(Op.END_SESSION, rid, timeout=control_timeout,
+                                              wake=self._wake))
 
     def close(self) -> None:
         self.transport.close()
@@ -142,14 +148,17 @@ class LMCacheClient:
         )
 
     def free_lookup_locks_async(self, key: CacheKey, tp_size: int = 1) -> ReplyFuture:
-        return self.transport.submit(
-            Op.FREE_LOOKUP_LOCKS, key, tp_size, timeout=self.control_timeout, wake=self._wake
-        )
+        """Sent again later if it never left (see ``LockFrees``), never if it may have."""
+        return self._frees.free(key, tp_size)
 
     def end_session_async(self, request_id: str) -> ReplyFuture:
-        return self.transport.submit(
-            Op.END_SESSION, request_id, timeout=self.control_timeout, wake=self._wake
-        )
+        """Held behind an unsent FREE_LOOKUP_LOCKS of the same session."""
+        return self._frees.end_session(request_id)
+
+    def resend_unsent_frees(self) -> None:
+        """Send the FREE_LOOKUP_LOCKS that found no connection, once there is one."""
+        if self._frees.pending() and self.connected:
+            self._frees.resend()
 
     def report_block_allocation_async(
         self, instance_id: int, model_name: str, records: list[BlockAllocationRecord]
@@ -217,19 +226,22 @@ class LMCacheClient:
     def commit_retrieve_async(self, key: CacheKey, instance_id: int) -> ReplyFuture:
         return self._transfer(Op.COMMIT_RETRIEVE, key, instance_id)
 
+    def _within(self, op: Op, timeout: float, *args: object) -> object:
+        """``op`` waited for up to ``timeout`` (fails at once with no connection): the
+        heartbeat's settling calls, which must never hold it longer."""
+        fut = self.transport.submit(op, *args, timeout=timeout, wait_for_peer=False)
+        return wait(fut, op, timeout)
+
     def prepare_retrieve_within(self, key: CacheKey, instance_id: int,
                                 timeout: float) -> PrepareRetrieveReply:
-        """PREPARE_RETRIEVE waited for up to ``timeout`` (fails at once with no connection)."""
-        fut = self.transport.submit(Op.PREPARE_RETRIEVE, key, instance_id, timeout=timeout,
-                                    wait_for_peer=False)
-        return wait(fut, Op.PREPARE_RETRIEVE, timeout)  # type: ignore[return-value]
+        return self._within(Op.PREPARE_RETRIEVE, timeout, key, instance_id)  # type: ignore[return-value]
+
+    def commit_retrieve_within(self, key: CacheKey, instance_id: int, timeout: float) -> bool:
+        return bool(self._within(Op.COMMIT_RETRIEVE, timeout, key, instance_id))
 
     def commit_store_within(self, key: CacheKey, instance_id: int, timeout: float) -> bool:
-        """An SHM COMMIT_STORE waited for up to ``timeout`` (fails at once with no
-        connection); True when the server had the reservation and committed it."""
-        fut = self.transport.submit(Op.COMMIT_STORE, key, instance_id, b"", timeout=timeout,
-                                    wait_for_peer=False)
-        return bool(wait(fut, Op.COMMIT_STORE, timeout))
+        """An SHM COMMIT_STORE; True when the server had the reservation and committed it."""
+        return bool(self._within(Op.COMMIT_STORE, timeout, key, instance_id, b""))
 
     # Blocking forms (tools, tests, benchmarks): like every blocking call, they wait for a
     # connection until their deadline.

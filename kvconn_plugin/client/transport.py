@@ -411,8 +411,12 @@ class MQTransport:
             _fail(p.future, self._timeout_error(p))
 
     def _timeout_error(self, p: _Pending) -> KVConnError:
-        if not p.sent or not self._connected.is_set():
+        if not p.sent:
             return KVConnUnavailable(f"no LMCache server reachable at {self.url} ({p.op.name})")
+        if not self._connected.is_set():
+            # Sent before the connection dropped: the server may have acted on it.
+            return KVConnInFlightLost(f"connection to {self.url} lost with {p.op.name} in "
+                                      "flight; outcome unknown")
         return KVConnTimeout(f"{p.op.name} to {self.url} got no reply in time")
 
     def _shutdown_io(self) -> None:

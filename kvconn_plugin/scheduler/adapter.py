@@ -478,10 +478,12 @@ class SchedulerAdapter:
 
     def drain_closing_in_background(self) -> None:
         """From the health thread: an idle engine runs no steps, and the locks of its last
-        finished requests would wait for the next request (or the server's 300 s TTL)."""
+        finished requests would wait for the next request (or the server's 300 s TTL).
+        Also sends the lock frees that found no connection, once there is one."""
+        self.client.resend_unsent_frees()
         if self._closing:
             self._drain_closing()
-            self.client.flush()
+        self.client.flush()
 
     def _closing_ids(self) -> set[str]:
         with self._closing_lock:  # the health thread may be deleting entries

@@ -298,6 +298,10 @@ class ServerFleet:
         return self._gather(self._each(lambda c: c.free_lookup_locks_async(key, tp_size)),
                             raise_first=True)
 
+    def resend_unsent_frees(self) -> None:
+        for c in self.clients:
+            c.resend_unsent_frees()
+
     def end_session_async(self, request_id: str) -> ReplyFuture:
         with self._lock:
             self._lookups.pop(request_id, None)

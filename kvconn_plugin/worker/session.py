@@ -32,7 +32,7 @@ from kvconn_plugin.stats import KVConnStats
 from kvconn_plugin.utils import PeriodicTask, RateLimitedLog
 from kvconn_plugin.worker.chunk_copy import ChunkCopier
 from kvconn_plugin.worker.unsettled_commits import UnsettledCommits
-from kvconn_plugin.worker.unsettled_loads import UnsettledLoads
+from kvconn_plugin.worker.unsettled_loads import UnsettledLoads, UnsettledRetrieveCommits
 
 logger = logging.getLogger(__name__)
 _warn = RateLimitedLog(logger, interval=30.0)
@@ -97,6 +97,8 @@ class ServerSession:
         # Loads that failed before their COMMIT_RETRIEVE: their read locks are released
         # by the heartbeat once the server answers again.
         self.unsettled = UnsettledLoads()
+        # Loads whose COMMIT_RETRIEVE may not have arrived: sent again by the heartbeat.
+        self.unsettled_retrieve_commits = UnsettledRetrieveCommits()
         # Stores whose COMMIT_STORE may not have arrived: committed again by the heartbeat.
         self.unsettled_commits = UnsettledCommits()
         self._heartbeat_task = PeriodicTask("kvconn-worker-health", config.heartbeat_interval,
@@ -210,10 +212,10 @@ class ServerSession:
             else:
                 self._register(timeout=interval)
                 logger.info("kvconn: re-registered with LMCache server at %s", self.client.url)
-            if len(self.unsettled):
-                self.unsettled.settle(self.client, self.instance_id, interval)
-            if len(self.unsettled_commits):
-                self.unsettled_commits.settle(self.client, self.instance_id, interval)
+            for queue in (self.unsettled, self.unsettled_retrieve_commits,
+                          self.unsettled_commits):
+                if len(queue):
+                    queue.settle(self.client, self.instance_id, interval)
         except KVConnError as exc:
             if self.healthy:
                 _warn.warning("down", "kvconn: LMCache server at %s stopped answering (%s); "
@@ -301,6 +303,22 @@ class ServerSession:
             self.stats.set_degraded(True)
         self._heartbeat_task.poke()
 
+    def _commit_retrieve(self, key: CacheKey) -> None:
+        """Release a load's read locks without waiting for the reply; a COMMIT_RETRIEVE
+        that is lost, or finds no connection, is sent again by the heartbeat."""
+        try:
+            fut = self.client.commit_retrieve_async(key, self.instance_id)
+        except KVConnError as exc:
+            self.unsettled_retrieve_commits.add(key, exc)
+            return
+
+        def done(f: ReplyFuture) -> None:
+            exc = None if f.cancelled() else f.exception()
+            if f.cancelled() or exc is not None:
+                self.unsettled_retrieve_commits.add(key, exc)
+
+        fut.add_done_callback(done)
+
     def retrieve(self, spec: TransferSpec, plan: ChunkPlan, prepared: ReplyFuture) -> None:
         """Scatter the chunks PREPARE_RETRIEVE lent into vLLM's blocks, then release them.
 
@@ -322,8 +340,7 @@ class ServerSession:
             try:
                 self._scatter_reply(plan, reply)
             finally:
-                # Even after a failed scatter: it releases the read locks.
-                self.client.commit_retrieve_async(plan.key, self.instance_id)
+                self._commit_retrieve(plan.key)  # even after a failed scatter
         except KVConnError as exc:
             if not isinstance(exc, KVConnProtocolError):
                 self.failed(exc)

@@ -17,6 +17,11 @@ the same key releases exactly the lookup's locks once:
 
 A request whose load failed is never offered a hit again (the scheduler marks it), so no
 later load of the same key can be confused with the recovery.
+
+A COMMIT_RETRIEVE that is itself lost (no reply in time, or the connection dropped with it
+in flight, or no connection to send it on) leaves the same locks; sending the COMMIT again
+is enough and safe either way: the server pops the parked keys under (instance, key), so a
+second COMMIT after one that was applied releases nothing (``UnsettledRetrieveCommits``).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from __future__ import annotations
 from kvconn_plugin.client.protocol import CacheKey
 from kvconn_plugin.worker.settle_queue import MAX_ATTEMPTS, SettleQueue
 
-__all__ = ["MAX_ATTEMPTS", "UnsettledLoads"]
+__all__ = ["MAX_ATTEMPTS", "UnsettledLoads", "UnsettledRetrieveCommits"]
 
 
 class UnsettledLoads(SettleQueue):
@@ -38,4 +43,17 @@ class UnsettledLoads(SettleQueue):
     def _settle_one(self, client, key: CacheKey, instance_id: int, timeout: float) -> None:
         reply = client.prepare_retrieve_within(key, instance_id, timeout)
         if reply.success:
-            client.commit_retrieve_async(key, instance_id)
+            # Waited for: if this COMMIT is lost too, the whole settle runs again (the
+            # PREPARE parks the same keys once more, or finds them released).
+            client.commit_retrieve_within(key, instance_id, timeout)
+
+
+class UnsettledRetrieveCommits(SettleQueue):
+    what = "read locks"
+
+    def add(self, key: CacheKey, exc: BaseException | None = None) -> None:
+        """A COMMIT_RETRIEVE of ``key`` ended with ``exc``: outcome unknown, or never sent."""
+        self._push(key, exc)
+
+    def _settle_one(self, client, key: CacheKey, instance_id: int, timeout: float) -> None:
+        client.commit_retrieve_within(key, instance_id, timeout)

@@ -111,7 +111,7 @@ def _run_phase(rig: ChaosRig, name: str, plan: EpisodePlan,
     rec["cached"] = {r["id"]: r.get("cached") for r in out["requests"]}
     rig.orphaned_chunks += rec["connector"].get("store_orphaned_chunks", 0)
     rec["orphaned_chunks"] = rig.orphaned_chunks
-    rec["locks"], rec["lock_wait_s"] = rig.wait_locks_free(lambda: rig.orphaned_chunks)
+    rec["locks"], rec["lock_wait_s"] = rig.wait_locks_free(lambda: (0, rig.orphaned_chunks))
     rec["connector_log"] = [ln[-300:] for ln in engine.log_since(offset).splitlines()
                             if "kvconn" in ln or "Traceback" in ln][-40:]
     return rec

@@ -34,7 +34,7 @@ import pytest
 
 from kvconn_plugin.tools.procgroup import group_members, stop_process_group
 from kvconn_plugin.tools.tiny_model import PRESETS, write_tiny_llama
-from tests.helpers.chaos_plan import MAX_MODEL_LEN, EpisodePlan
+from tests.helpers.chaos_plan import CHUNK, MAX_MODEL_LEN, EpisodePlan
 from tests.helpers.connector_config import kv_transfer_config
 from tests.helpers.engine import child_env
 from tests.helpers.fault_proxy import Fault, FaultProxy
@@ -296,17 +296,16 @@ class ChaosRig:
         except (Exception, pytest.skip.Exception):  # no answer (yet), or no lock counts
             return None
 
-    def wait_locks_free(self, orphaned=lambda: 0) -> tuple[tuple[int, int] | None, float]:
-        """Until the server holds no lock, or (after a settling time) only the write
-        reservations ``orphaned()`` explains, or ``lock_wait_s``."""
+    def wait_locks_free(self, orphaned=lambda: (0, 0)) -> tuple[tuple[int, int] | None, float]:
+        """Until the server holds no lock, or (after a settling time) only the locks
+        ``orphaned()`` explains, or ``lock_wait_s``."""
         t0 = time.monotonic()
         while True:
             counts = self.lock_counts()
             waited = time.monotonic() - t0
             if counts == (0, 0) or waited > self.cfg.lock_wait_s:
                 return counts, waited
-            if (counts is not None and counts[0] == 0 and waited > ORPHAN_SETTLE_S
-                    and counts[1] <= 2 * orphaned()):
+            if counts is not None and waited > ORPHAN_SETTLE_S and explained(counts, orphaned()):
                 return counts, waited
             time.sleep(0.25)
 
@@ -396,12 +395,13 @@ class ChaosRig:
             self.check_requests(plan, out, rec)
         counts, waited = self.wait_locks_free(lambda: orphaned_chunks(engine.log_since(log_offset)))
         rec["locks"], rec["lock_wait_s"] = counts, round(waited, 2)
-        # LMCache cannot cancel a reservation: the write locks of stores whose PREPARE_STORE
-        # the connector gave up on (it logs each one) stay until the server's 600 s TTL. Any
-        # other lock, or more write locks than those notes explain, is a leak.
-        explained = 2 * orphaned_chunks(engine.log_since(log_offset))
-        if counts is not None and counts != (0, 0) and counts[0] == 0 and counts[1] <= explained:
-            rec["orphaned_write_locks"] = counts[1]
+        # LMCache can neither cancel a reservation nor take a FREE_LOOKUP_LOCKS twice safely:
+        # the write locks of stores whose PREPARE_STORE the connector gave up on, and the read
+        # locks of FREEs whose reply was lost, stay until the server's TTLs. The connector
+        # logs each; any other lock, or more than those notes explain, is a leak.
+        if (counts is not None and counts != (0, 0)
+                and explained(counts, orphaned_chunks(engine.log_since(log_offset)))):
+            rec["orphaned_read_locks"], rec["orphaned_write_locks"] = counts
             self.server.restart()  # the next episode starts from a clean server
         elif counts != (0, 0):
             lost = sorted({f"{e['kind']} {e.get('dir')} {e.get('op')}" for e in fault_log
@@ -484,12 +484,22 @@ def first_difference(got: list[int], want: list[int]) -> int | None:
     return None
 
 
-_ORPHAN_NOTE = re.compile(r"holds (?:up to )?(\d+) chunk\(s\) write-reserved")
+_ORPHAN_WRITES = re.compile(r"holds (?:up to )?(\d+) chunk\(s\) write-reserved")
+_ORPHAN_READS = re.compile(r"may keep (\d+) token\(s\) read-locked")
 
 
-def orphaned_chunks(log_text: str) -> int:
-    """Chunks the connector says the server may hold write-reserved for dropped stores."""
-    return sum(int(m.group(1)) for m in _ORPHAN_NOTE.finditer(log_text))
+def orphaned_chunks(log_text: str) -> tuple[int, int]:
+    """(read-locked, write-reserved) chunks the connector says the server may keep: those
+    of FREE_LOOKUP_LOCKS whose reply was lost, and of stores it gave up on."""
+    reads = sum(int(m.group(1)) // CHUNK for m in _ORPHAN_READS.finditer(log_text))
+    writes = sum(int(m.group(1)) for m in _ORPHAN_WRITES.finditer(log_text))
+    return reads, writes
+
+
+def explained(counts: tuple[int, int], orphaned: tuple[int, int]) -> bool:
+    """Whether the (read, write) lock counts are at most what the noted chunks explain
+    (the server's status reports each locked object twice)."""
+    return counts[0] <= 2 * orphaned[0] and counts[1] <= 2 * orphaned[1]
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -502,13 +512,14 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
                                           "max_latency_s": 0.0, "max_stall_s": 0.0,
                                           "hung": 0, "failed": 0, "changed_tokens": 0,
                                           "locks_leaked": 0, "engine": 0, "near_ties": 0,
-                                          "orphaned_writes": 0})
+                                          "orphaned_reads": 0, "orphaned_writes": 0})
             row["runs"] += 1
             row["fired"] += kind in rec.get("fired", []) or kind == "none"
             row["requests"] += rec.get("n_requests", 0)
             row["max_latency_s"] = max(row["max_latency_s"], rec.get("max_latency_s", 0.0))
             row["max_stall_s"] = max(row["max_stall_s"], rec.get("stall_s", 0.0))
             row["near_ties"] += len(rec.get("near_ties", []))
+            row["orphaned_reads"] += rec.get("orphaned_read_locks", 0) // 2
             row["orphaned_writes"] += rec.get("orphaned_write_locks", 0) // 2
             for f in rec["failures"]:
                 key = f["type"] if f["type"] in row else "engine"
@@ -518,7 +529,8 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def format_table(table: dict[str, dict[str, Any]]) -> str:
     cols = ("runs", "fired", "requests", "max_latency_s", "max_stall_s", "hung", "failed",
-            "changed_tokens", "locks_leaked", "engine", "near_ties", "orphaned_writes")
+            "changed_tokens", "locks_leaked", "engine", "near_ties", "orphaned_reads",
+            "orphaned_writes")
     head = f"{'fault kind':<16}" + "".join(f"{c:>15}" for c in cols)
     lines = [head, "-" * len(head)]
     for kind, row in table.items():

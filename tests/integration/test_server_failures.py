@@ -572,6 +572,32 @@ def test_a_lost_commit_store_is_committed_again_once_the_server_answers(server):
             w.close()
 
 
+def test_a_lost_commit_retrieve_is_sent_again_once_the_server_answers(server):
+    """A COMMIT_RETRIEVE that never reached the server leaves the load's chunks read-locked
+    for the server's 300 s read TTL (chaos episode 1028). The heartbeat sends it again; a
+    second COMMIT after one that did arrive releases nothing, since the server pops the
+    load's parked keys under (instance, key)."""
+    from tests.helpers.fault_proxy import Fault, FaultProxy
+
+    with FaultProxy((server.host, server.port), seed=4) as proxy:
+        w = Worker(_Via(proxy.url), **{"kvconn.transfer_timeout": 2})
+        try:
+            toks, blocks = _tokens(2 * CHUNK, 14), range(2 * CHUNK // BLOCK)
+            w.fill(blocks, seed=14)
+            w.store(_spec("lost-commit-retrieve", toks, blocks))
+            assert server_lock_counts(server) == (0, 0)
+            assert _lookup(server, "lost-commit-retrieve-load", toks) == 2  # read-locks both
+            proxy.arm([Fault("drop_request", at_msg=0, op="COMMIT_RETRIEVE")])
+            _, errors = w.load(_spec("lost-commit-retrieve-load", toks, range(32, 64)))
+            assert errors == set()  # the copy itself worked
+            _wait_for(lambda: server_lock_counts(server) == (0, 0), 15,
+                      f"the read locks to be released (now {server_lock_counts(server)})")
+            log = proxy.heal()
+            assert [e["op"] for e in log if e["kind"] == "dropped"] == ["COMMIT_RETRIEVE"]
+        finally:
+            w.close()
+
+
 def test_wait_for_save_never_waits_on_a_frozen_server(server):
     """The engine thread's part of a store is the copy out of vLLM's blocks: with the
     server frozen and every network deadline long (30 s heartbeat, 120 s transfers),
