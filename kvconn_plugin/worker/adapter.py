@@ -82,6 +82,8 @@ class WorkerAdapter:
         self.stats = KVConnStats()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvconn-load")
         self._loads: dict[str, Future] = {}
+        # Loads in flight by server key identity (see _begin_loads); engine thread only.
+        self._held: dict[tuple, Future] = {}
         self._load_errors: set[int] = set()
         self._failed_loads: set[str] = set()
         self._lock = threading.Lock()
@@ -203,18 +205,29 @@ class WorkerAdapter:
             prepared: ReplyFuture | None = None
             error: KVConnError | None = None
             session = self.session
+            # LMCache parks a retrieve's read locks under (instance, key) and leaves the
+            # request id out of the key's identity: two loads of the same tokens and range
+            # in flight at once share one entry, and the second PREPARE's locks would never
+            # be released. Such a load sends its PREPARE only once the one before it has
+            # sent its COMMIT (the loader runs loads in order).
+            ident = (spec.token_ids, spec.start, spec.end, spec.cache_salt)
+            deferred = ident in self._held and not self._held[ident].done()
             if session is None or not self.config.load:
                 error = KVConnError("loading is off or the cache is unavailable")
             else:
                 try:
                     plan = session.plan(spec)
-                    prepared = session.client.prepare_retrieve_async(plan.key, session.instance_id)
+                    if not deferred:
+                        prepared = session.client.prepare_retrieve_async(plan.key,
+                                                                         session.instance_id)
                 except KVConnError as exc:
                     error = exc
                     if not isinstance(exc, KVConnProtocolError):
                         # The lookup's read locks on this range stay until a COMMIT_RETRIEVE.
                         session.unsettled.add(plan.key if plan else session.key(spec), exc)
             fut = self._loader.submit(self._load_one, spec, plan, prepared, error)
+            self._held = {k: f for k, f in self._held.items() if not f.done()}
+            self._held[ident] = fut
             with self._lock:
                 self._loads[spec.request_id] = fut
 
@@ -223,6 +236,14 @@ class WorkerAdapter:
         session = self.session
         ok = False
         try:
+            if error is None and prepared is None and plan is not None and session is not None:
+                try:  # deferred behind a load of the same key: its COMMIT has gone out
+                    prepared = session.client.prepare_retrieve_async(plan.key,
+                                                                     session.instance_id)
+                except KVConnError as exc:
+                    if not isinstance(exc, KVConnProtocolError):
+                        session.unsettled.add(plan.key, exc)
+                    raise
             if error is not None:
                 raise error
             if session is None or plan is None or prepared is None:

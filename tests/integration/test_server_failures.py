@@ -598,6 +598,37 @@ def test_a_lost_commit_retrieve_is_sent_again_once_the_server_answers(server):
             w.close()
 
 
+def test_two_loads_of_the_same_chunks_in_one_step_release_every_lock(server):
+    """Two requests with the same prompt, each with its own lookup, load the same chunks in
+    one step. LMCache parks a retrieve's locks under (instance, key) and leaves the request
+    id out of the key's identity, so two PREPAREs in flight at once shared one entry and
+    the second request's read locks stayed for the 300 s TTL (chaos episodes 1020, 1028,
+    1053: read locks left without any fault). Both loads must work and free every lock."""
+    w = Worker(server)
+    try:
+        toks, blocks = _tokens(2 * CHUNK, 16), range(2 * CHUNK // BLOCK)
+        w.fill(blocks, seed=16)
+        expected = w.blocks_bytes(blocks)
+        w.store(_spec("twins", toks, blocks))
+        assert _lookup(server, "twin-a", toks) == 2 and _lookup(server, "twin-b", toks) == 2
+        dst_a, dst_b = range(32, 64), range(32)
+        w.poison(dst_a)
+        w.poison(dst_b)
+        w.adapter.start_load_kv(KVConnMetadata(loads=[_spec("twin-a", toks, dst_a),
+                                                      _spec("twin-b", toks, dst_b)]))
+        done: set[str] = set()
+        _wait_for(lambda: done.update(w.adapter.get_finished(set())[1] or ()) or
+                  done == {"twin-a", "twin-b"}, 20, "both loads to be reported")
+        assert w.adapter.get_block_ids_with_load_errors() == set()
+        for dst in (dst_a, dst_b):
+            for t, ref in zip(w.kv, expected, strict=True):
+                assert torch.equal(t[dst.start:dst.stop].view(torch.uint8), ref.view(torch.uint8))
+        _wait_for(lambda: server_lock_counts(server) == (0, 0), 15,
+                  f"every read lock to be released (now {server_lock_counts(server)})")
+    finally:
+        w.close()
+
+
 def test_wait_for_save_never_waits_on_a_frozen_server(server):
     """The engine thread's part of a store is the copy out of vLLM's blocks: with the
     server frozen and every network deadline long (30 s heartbeat, 120 s transfers),
