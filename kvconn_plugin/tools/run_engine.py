@@ -45,8 +45,14 @@ def run_engine(
     env: dict[str, str] | None = None,
     timeout: float = 600,
     log_path: str | Path | None = None,
+    single_pass: bool = False,
 ) -> dict[str, Any]:
     """Run prompts through a fresh engine in a child process; raise on failure.
+
+    ``single_pass``: one generation per prompt (no 1-token run first), so its tokens come
+    from the same prefill as ``num_cached_tokens`` (``ttft_s`` is then that of the whole
+    generation). Needed where vLLM's own prefix cache is off (MLA on CPU): the 1-token
+    run would otherwise make the second one a hit.
 
     The whole process group is stopped afterwards (also on a timeout), so no EngineCore,
     worker or /dev/shm queue outlives the call.
@@ -57,6 +63,7 @@ def run_engine(
         "kv_transfer_config": kv_transfer_config,
         "max_tokens": max_tokens,
         "engine_args": engine_args or {},
+        "single_pass": single_pass,
     }
     with tempfile.TemporaryDirectory(prefix="kvconn-engine-") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
@@ -102,9 +109,11 @@ def _child(spec_path: str, out_path: str) -> None:
     for p in spec["prompts"]:
         prompt = p if isinstance(p, str) else {"prompt_token_ids": p}
         t = time.perf_counter()
-        first = llm.generate([prompt], one, use_tqdm=False)[0]
+        first = llm.generate([prompt], full if spec.get("single_pass") else one,
+                             use_tqdm=False)[0]
         ttft = time.perf_counter() - t
-        out = llm.generate([prompt], full, use_tqdm=False)[0]
+        out = first if spec.get("single_pass") else llm.generate([prompt], full,
+                                                                  use_tqdm=False)[0]
         results.append({
             "ttft_s": ttft,
             "num_cached_tokens": int(first.num_cached_tokens or 0),

@@ -14,22 +14,11 @@ Usage::
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from kvconn_plugin.tools.tiny_model import (
-    BOS_ID,
-    EOS_ID,
-    PAD_ID,
-    _build_tokenizer,
-    _stamp_matches,
-)
+from kvconn_plugin.tools.tiny_hf import silence_special_tokens, write_hf_model
+from kvconn_plugin.tools.tiny_model import BOS_ID, EOS_ID, PAD_ID
 
-_STAMP = ".tiny_llama_stamp"  # the same stamp file name: one cache check for both writers
 _FORMAT_VERSION = 1
 
 
@@ -49,54 +38,30 @@ def write_tiny_gemma3(
     seed: int = 0,
 ) -> Path:
     """Write the model directory at ``path`` (reused if identical) and return it."""
-    import torch
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    path = Path(path)
     args = {"layer_types": list(layer_types), "sliding_window": sliding_window,
             "hidden_size": hidden_size, "num_heads": num_heads, "num_kv_heads": num_kv_heads,
             "head_dim": head_dim, "intermediate_size": intermediate_size,
             "vocab_size": vocab_size, "max_position_embeddings": max_position_embeddings,
             "seed": seed, "format": _FORMAT_VERSION, "arch": "gemma3"}
-    stamp = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()
-    if _stamp_matches(path, stamp):
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    final, path = path, Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
 
-    config = Gemma3TextConfig(
-        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-        num_hidden_layers=len(layer_types), num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads, head_dim=head_dim,
-        max_position_embeddings=max_position_embeddings, sliding_window=sliding_window,
-        layer_types=list(layer_types), query_pre_attn_scalar=head_dim,
-        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-        tie_word_embeddings=True,
-    )
-    config.architectures = ["Gemma3ForCausalLM"]
-    torch.manual_seed(seed)
-    model = Gemma3ForCausalLM(config).to(torch.bfloat16)
-    with torch.no_grad():
-        # Special tokens never win greedy decoding: every generation runs to max_tokens.
-        model.get_input_embeddings().weight[:4].zero_()
-    model.save_pretrained(str(path), safe_serialization=True)
+    def build():
+        import torch
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    tok = _build_tokenizer(vocab_size, seed)
-    tok.save(str(path / "tokenizer.json"))
-    tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>",
-               "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
-               "add_bos_token": True, "add_eos_token": False,
-               "clean_up_tokenization_spaces": False,
-               "model_max_length": max_position_embeddings}
-    (path / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
-    (path / _STAMP).write_text(stamp)
-    os.chmod(path, 0o755)
-    if final.exists() and not _stamp_matches(final, stamp):
-        shutil.rmtree(final)
-    try:
-        os.rename(path, final)
-    except OSError:
-        shutil.rmtree(path, ignore_errors=True)
-        if not _stamp_matches(final, stamp):
-            raise
-    return final
+        config = Gemma3TextConfig(
+            vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+            num_hidden_layers=len(layer_types), num_attention_heads=num_heads,
+            num_key_value_heads=num_kv_heads, head_dim=head_dim,
+            max_position_embeddings=max_position_embeddings, sliding_window=sliding_window,
+            layer_types=list(layer_types), query_pre_attn_scalar=head_dim,
+            bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+            tie_word_embeddings=True,
+        )
+        config.architectures = ["Gemma3ForCausalLM"]
+        torch.manual_seed(seed)
+        model = Gemma3ForCausalLM(config).to(torch.bfloat16)
+        silence_special_tokens(model)
+        return model
+
+    return write_hf_model(path, args, build, vocab_size=vocab_size,
+                          max_position_embeddings=max_position_embeddings, seed=seed)
