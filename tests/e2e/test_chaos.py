@@ -19,7 +19,8 @@ import pytest
 from tests.helpers.chaos import ChaosConfig, ChaosRig
 from tests.helpers.chaos_plan import FAULT_KINDS, plan_episode
 
-pytestmark = [pytest.mark.engine, pytest.mark.lmcache_server, pytest.mark.chaos]
+pytestmark = [pytest.mark.engine, pytest.mark.lmcache_server, pytest.mark.chaos,
+              pytest.mark.slow]
 
 # (seed, forced kinds): every kind once, a control without faults, and two combinations.
 CI_EPISODES = [(7100 + i, [kind]) for i, kind in enumerate(FAULT_KINDS)] + [

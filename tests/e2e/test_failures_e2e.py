@@ -44,7 +44,8 @@ CHILD = textwrap.dedent('''
         spec = json.loads(Path(sys.argv[1]).read_text())
         d = Path(spec["dir"])
         llm = LLM(model=spec["model"], dtype="float32", max_model_len=4096, enforce_eager=True,
-                  seed=0, kv_transfer_config=KVTransferConfig(**spec["kvt"]))
+                  seed=0, kv_transfer_config=KVTransferConfig(**spec["kvt"]),
+                  **spec["engine_args"])
         sp = SamplingParams(temperature=0.0, max_tokens=8)
         def gen(prompts):
             outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp,
@@ -84,23 +85,26 @@ def _prompts(seed: int, n: int = 2) -> list[list[int]]:
 
 
 def _phased_run(tmp_path: Path, server, seed: int, after_phase1, after_phase2,
+                engine_args: dict | None = None, env: dict | None = None,
                 **extra) -> tuple[dict, str]:
     """Run CHILD against ``server``: ``after_phase1()`` and ``after_phase2()`` act on the
-    server between the phases. Returns (results, child log)."""
+    server between the phases. ``engine_args`` and ``env`` go to the engine and to its
+    baseline alike. Returns (results, child log)."""
     model = write_tiny_llama(tmp_path / "model", **PRESETS["small"])
     a, b, c = _prompts(seed), _prompts(seed + 1), _prompts(seed + 2)
+    engine_args, env = engine_args or {}, {**DEFAULT_ENV, **(env or {})}
     spec = {"dir": str(tmp_path), "model": str(model),
-            "kvt": kv_transfer_config(server.url, **extra),
+            "kvt": kv_transfer_config(server.url, **extra), "engine_args": engine_args,
             "a": a, "b": b, "c": c, "settle_s": 60}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     (tmp_path / "child.py").write_text(CHILD)
     # float32 on both sides: bf16 near-ties would compare vLLM's batching, not the cache.
     baseline = run_engine(model, a + b + c, max_tokens=8, log_path=tmp_path / "base.log",
-                          engine_args={"dtype": "float32"})
+                          engine_args={"dtype": "float32", **engine_args}, env=env)
     with open(tmp_path / "child.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, str(tmp_path / "child.py"),
                                  str(tmp_path / "spec.json")],
-                                env=child_env(DEFAULT_ENV), stdout=log, stderr=subprocess.STDOUT,
+                                env=child_env(env), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
             _wait(tmp_path / "phase1", proc)
@@ -136,6 +140,27 @@ def test_server_killed_and_restarted_midrun(lmcache_server_factory, tmp_path):
     # After the restart (same port, new SHM pool, no registrations) the connector
     # re-registered: hits are back.
     assert res["phase3_hit"][0]["cached"] >= 768
+
+
+@pytest.mark.slow
+def test_one_of_two_servers_killed_under_tp2(lmcache_server_factory, tmp_path):
+    """TP=2 on two servers, one rank each (``lmcache.mp.server_urls``). ``kill -9`` of the
+    second while the engine serves: no request fails or changes a token (a hit needs every
+    rank's share, so the first server's chunks are not used); restarted, hits resume."""
+    first, second = lmcache_server_factory(), lmcache_server_factory()
+
+    def kill_9():
+        os.killpg(second.process.pid, signal.SIGKILL)
+        second.kill()
+
+    res, _ = _phased_run(
+        tmp_path, first, 31, kill_9, second.restart,
+        engine_args={"tensor_parallel_size": 2, "distributed_executor_backend": "mp"},
+        env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"},
+        **{"lmcache.mp.server_urls": [first.url, second.url],
+           "lmcache.mp.heartbeat_interval": 1, "kvconn.transfer_timeout": 5,
+           "kvconn.lookup_timeout": 1})
+    assert res["phase3_hit"][0]["cached"] >= 768, "no hit after the second server came back"
 
 
 def test_engine_starts_without_a_server_and_picks_it_up_later(lmcache_server_factory, tmp_path):
