@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
+
+_DONE: Future = Future()
+_DONE.set_result(None)
 _warn = RateLimitedLog(logger, interval=30.0)
 
 
@@ -82,8 +85,9 @@ class WorkerAdapter:
         self.stats = KVConnStats()
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvconn-load")
         self._loads: dict[str, Future] = {}
-        # Loads in flight by server key identity (see _begin_loads); engine thread only.
+        # Loads and read-lock settles in flight by server key identity (see _begin_loads).
         self._held: dict[tuple, Future] = {}
+        self._settling: dict[int, Future] = {}  # per settle queue, the one queued
         self._load_errors: set[int] = set()
         self._failed_loads: set[str] = set()
         self._lock = threading.Lock()
@@ -137,6 +141,7 @@ class WorkerAdapter:
             dtype_name=str(next(iter(kv_caches.values())).dtype).removeprefix("torch."),
             stats=self.stats,
         )
+        self.session.run_read_settle = self._run_read_settle
         self.stores = StorePipeline(self.session, self.config.store_staging_mb * 2**20,
                                     acks=self.acks)
         self.session.connect()
@@ -211,7 +216,9 @@ class WorkerAdapter:
             # be released. Such a load sends its PREPARE only once the one before it has
             # sent its COMMIT (the loader runs loads in order).
             ident = (spec.token_ids, spec.start, spec.end, spec.cache_salt)
-            deferred = ident in self._held and not self._held[ident].done()
+            with self._lock:  # the heartbeat holds keys too (_run_read_settle)
+                held = self._held.get(ident)
+            deferred = held is not None and not held.done()
             if session is None or not self.config.load:
                 error = KVConnError("loading is off or the cache is unavailable")
             else:
@@ -226,10 +233,32 @@ class WorkerAdapter:
                         # The lookup's read locks on this range stay until a COMMIT_RETRIEVE.
                         session.unsettled.add(plan.key if plan else session.key(spec), exc)
             fut = self._loader.submit(self._load_one, spec, plan, prepared, error)
-            self._held = {k: f for k, f in self._held.items() if not f.done()}
-            self._held[ident] = fut
             with self._lock:
+                self._hold([ident], fut)
                 self._loads[spec.request_id] = fut
+
+    def _hold(self, idents: list[tuple], fut: Future) -> None:
+        """Under ``_lock``: these server keys are busy until ``fut`` is done."""
+        self._held = {k: f for k, f in self._held.items() if not f.done()}
+        for ident in idents:
+            self._held[ident] = fut
+
+    def _run_read_settle(self, queue, settle) -> None:
+        """From the heartbeat: a settle re-sends PREPARE/COMMIT_RETRIEVE of its keys, which
+        would meet a load of the same key in flight the same way two loads did (see
+        _begin_loads). It runs on the loader, in order with the loads, and a load of one of
+        its keys waits for it. The heartbeat does not wait for it (a load may hold the
+        loader up to the transfer timeout); one settle per queue is queued at a time."""
+        keys = queue.keys()
+        with self._lock:
+            if not self._settling.get(id(queue), _DONE).done():
+                return
+            try:
+                fut = self._loader.submit(settle)
+            except RuntimeError:  # shutting down
+                return
+            self._settling[id(queue)] = fut
+            self._hold([(tuple(k.token_ids), k.start, k.end, k.cache_salt) for k in keys], fut)
 
     def _load_one(self, spec: TransferSpec, plan: ChunkPlan | None, prepared: ReplyFuture | None,
                   error: KVConnError | None) -> bool:

@@ -15,6 +15,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +32,7 @@ from kvconn_plugin.parallel import KVRanks
 from kvconn_plugin.stats import KVConnStats
 from kvconn_plugin.utils import PeriodicTask, RateLimitedLog
 from kvconn_plugin.worker.chunk_copy import ChunkCopier
+from kvconn_plugin.worker.settle_queue import SettleQueue
 from kvconn_plugin.worker.unsettled_commits import UnsettledCommits
 from kvconn_plugin.worker.unsettled_loads import UnsettledLoads, UnsettledRetrieveCommits
 
@@ -101,6 +103,10 @@ class ServerSession:
         self.unsettled_retrieve_commits = UnsettledRetrieveCommits()
         # Stores whose COMMIT_STORE may not have arrived: committed again by the heartbeat.
         self.unsettled_commits = UnsettledCommits()
+        # Runs a read-lock settle (the loader replaces it so that a settle never overlaps
+        # a load of the same key; see WorkerAdapter._run_read_settle).
+        self.run_read_settle: Callable[[SettleQueue, Callable[[], Any]], None] = (
+            lambda queue, settle: settle())
         self._heartbeat_task = PeriodicTask("kvconn-worker-health", config.heartbeat_interval,
                                             self._heartbeat)
 
@@ -212,10 +218,12 @@ class ServerSession:
             else:
                 self._register(timeout=interval)
                 logger.info("kvconn: re-registered with LMCache server at %s", self.client.url)
-            for queue in (self.unsettled, self.unsettled_retrieve_commits,
-                          self.unsettled_commits):
+            for queue in (self.unsettled, self.unsettled_retrieve_commits):
                 if len(queue):
-                    queue.settle(self.client, self.instance_id, interval)
+                    self.run_read_settle(queue, lambda q=queue: q.settle(
+                        self.client, self.instance_id, interval))
+            if len(self.unsettled_commits):
+                self.unsettled_commits.settle(self.client, self.instance_id, interval)
         except KVConnError as exc:
             if self.healthy:
                 _warn.warning("down", "kvconn: LMCache server at %s stopped answering (%s); "

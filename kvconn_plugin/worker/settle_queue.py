@@ -45,6 +45,10 @@ class SettleQueue:
         with self._lock:
             return len(self._keys)
 
+    def keys(self) -> list[CacheKey]:
+        with self._lock:
+            return [k for k, _ in self._keys]
+
     def settle(self, client, instance_id: int, timeout: float) -> int:
         """Settle up to ``PER_CALL`` keys (blocking, each within ``timeout``); returns how
         many got an answer. Call only while the server answers."""

@@ -138,8 +138,16 @@ def test_mla_fresh_engines_hit_each_others_objects(lmcache_server_factory, tmp_p
 
 
 def test_pp2_fresh_engine_hits(lmcache_server_factory, tmp_path):
-    """PP=2: each stage stores and loads its own layers (kv rank = PP rank)."""
+    """PP=2: each stage stores and loads its own layers (kv rank = PP rank). vLLM CPU 0.32
+    itself dies at PP=2 here, with no connector at all (KeyError in the scheduler's
+    update_from_output): the test then skips, saying so, and runs once vLLM does."""
     model = write_tiny_llama(tmp_path / "llama", **{**PRESETS["small"], "dtype": "float32"})
     chain = Chain(model, lmcache_server_factory(), tmp_path / "engines.log", PP2,
                   TWO_RANKS_ENV, **OVERSUBSCRIBED)
+    try:
+        chain.run(_prompts(1)[:1], None)
+    except RuntimeError:
+        if "EngineCore encountered" in chain.log.read_text(errors="replace"):
+            pytest.skip("vLLM CPU's engine dies at PP=2 without any connector")
+        raise
     _run_chain(chain, ["builtin", "builtin"])
