@@ -16,8 +16,12 @@ question, ``--concurrency`` streaming requests in flight. Configurations, in one
 
 The LMCache server is restarted (empty) before each configuration that uses it, so each
 starts cold. Reported per configuration: requests/s, output tokens/s, TTFT p50/p90/p99,
-ITL p50/p99, TTFT per round, vLLM's external (connector) hit ratio from ``/metrics``,
-failed requests, and ratios against ``none`` and ``lmcache``. Greedy outputs of every
+ITL p50/p99, TTFT per round, failed requests, ratios against ``none`` and ``lmcache``, and
+from vLLM's ``/metrics`` (the timed run's increase): the external (connector) hit ratio
+``vllm:external_prefix_cache_hits / _queries``, the local ``vllm:prefix_cache_*`` ratio,
+the share of prompt tokens computed (``vllm:prompt_tokens_by_source``, source
+``local_compute`` vs ``local_cache_hit`` / ``external_kv_transfer``), preemptions and the
+connectors' own counters. Greedy outputs of every
 request must equal the ``none`` run's token for token; otherwise the script names the first
 differing request and exits 1.
 

@@ -103,9 +103,13 @@ def test_client_streams_every_round_and_measures_it(bench, fake_server):
         assert r.output_ids == _answer(wl.prompt(r.user, r.round, earlier), wl.max_tokens)
         assert r.ok and r.ttft is not None and r.cached_tokens == 128
         assert len(r.itl) == wl.max_tokens - (1 if r.prompt_len % 2 == 0 else 2)
-    s = stats.summarize(results, wall, {stats.EXT_Q: 400.0, stats.EXT_H: 100.0})
+    by_source = "vllm:prompt_tokens_by_source_total{source="
+    s = stats.summarize(results, wall, {stats.EXT_Q: 400.0, stats.EXT_H: 100.0,
+                                        by_source + "local_compute}": 300.0,
+                                        by_source + "external_kv_transfer}": 100.0})
     assert s["failed"] == 0 and s["requests"] == 9
     assert s["external_hit_ratio"] == pytest.approx(0.25)
+    assert s["recomputed_token_ratio"] == pytest.approx(0.75)
     assert set(s["ttft_per_round"]) == {"0", "1", "2"}
     assert s["ttft_p50_ms"] <= s["ttft_p99_ms"]
     assert stats.first_difference(results, results) is None
@@ -159,7 +163,7 @@ def test_figure_and_report_cover_every_configuration(bench, tmp_path):
     summary = {"ttft_p50_ms": 120.0, "ttft_p90_ms": 300.0, "ttft_p99_ms": 410.0,
                "itl_p50_ms": 20.0, "itl_p99_ms": 35.0, "requests_per_s": 0.5,
                "output_tokens_per_s": 16.0, "external_hit_ratio": 0.4,
-               "cached_token_ratio": 0.6, "failed": 0,
+               "cached_token_ratio": 0.6, "recomputed_token_ratio": 0.4, "failed": 0,
                "ttft_per_round": {"0": {"p50_ms": 400.0, "n": 2},
                                   "1": {"p50_ms": 90.0, "n": 2}}}
     summaries = {"none": summary, "ours": {**summary, "ttft_p50_ms": 60.0}}
