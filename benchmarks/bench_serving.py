@@ -162,19 +162,23 @@ def config_args(name: str, server: LMCacheServer | None,
     return [], {}
 
 
-# vLLM's wrappers around the real error, which its log shows above them.
-_WRAPPER_ERRORS = ("root cause", "initialization failed", "Failed core proc")
+# vLLM's wrapper around the real error, which its log shows further up.
+_WRAPPER_ERROR = "See root cause above"
+# "(Worker pid=1) ERROR 12-05 18:07:59 [file.py:10] " in front of a traceback line.
+_LOG_PREFIX = re.compile(r"^\(\w+ pid=\d+\)\s*(ERROR \S+ \S+ \[[^\]]*\]\s*)?")
+_RAISED = re.compile(r"^[\w.]*(Error|Exception)\w*: \S")
 
 
-def failure_reason(exc: BaseException) -> str:
-    """The most telling line of a failed engine start: the last ``...Error: ...`` or
-    ``...Exception: ...`` line of its log tail that is not a wrapper, without vLLM's
-    process prefix."""
-    lines = [ln.strip() for ln in str(exc).splitlines()]
-    hits = [ln for ln in lines if re.search(r"(Error|Exception)\w*: \S", ln)
-            and not any(w in ln for w in _WRAPPER_ERRORS)]
-    line = hits[-1] if hits else (lines[0] if lines else type(exc).__name__)
-    return re.sub(r"^\(\w+ pid=\d+\)\s*", "", line)[:400]
+def failure_reason(exc: BaseException, log: Path) -> str:
+    """The root cause of a failed engine start: the first ``SomeError: ...`` line of a
+    traceback in the serve log (the exception's own text holds only the log's tail)."""
+    try:
+        text = log.read_text(errors="replace")
+    except OSError:
+        text = str(exc)
+    lines = [_LOG_PREFIX.sub("", ln.strip()) for ln in text.splitlines()]
+    hits = [ln for ln in lines if _RAISED.match(ln) and _WRAPPER_ERROR not in ln]
+    return (hits[0] if hits else str(exc).splitlines()[0])[:400]
 
 
 def run_config(name: str, model: Path, wl: Workload, common: list[str],
@@ -198,9 +202,13 @@ def run_config(name: str, model: Path, wl: Workload, common: list[str],
                                              on_done=lambda _: bar.update(1))
             metrics = metrics_delta(before, scrape_metrics(base))
     except EngineRunError as exc:
-        reason = failure_reason(exc)
+        reason = failure_reason(exc, log)
         print(f"[bench_serving] {name}: vllm serve did not start: {reason} (log: {log})")
         return {"status": "unavailable", "reason": reason, "log": str(log)}
+    except OSError as exc:  # the warm-up or /metrics failed: the engine broke after start
+        print(f"[bench_serving] {name}: the engine stopped answering: {exc} (log: {log})")
+        return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:400],
+                "log": str(log)}
     return {"status": "ran", "results": results, "wall": wall, "metrics": metrics,
             "summary": summarize(results, wall, metrics), "log": str(log)}
 
