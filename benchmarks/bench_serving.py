@@ -28,10 +28,12 @@ differing request and exits 1.
 Full mode (the default): ``bench`` preset in float32 (8 layers, hidden 1024, 8 KV heads x
 64, 32 KiB of KV per token), 8 users x 4 rounds, system 256 + document 1024 tokens,
 32-token questions and answers, concurrency 4, vLLM KV cache ~30 % of all contexts. On the
-2-core dev box expect about 4 minutes per configuration (~35 s of engine start each; native
-fails within a minute), so ~15 minutes in all. ``--quick`` (2 users x 2 rounds, ``small``
-preset, short documents) takes about a minute per configuration and checks only that every
-configuration runs and answers like ``none``.
+2-core dev box, estimated (not yet measured) at 3-4 minutes per configuration (engine start,
+~35 s idle, plus 32 requests of 1.3-1.5k-token prompts), about 15 minutes in all; native
+fails at engine start. ``--quick`` (2 users x 2 rounds, ``small`` preset, short documents)
+checks only that every configuration runs and answers like ``none``: measured 602 s for all
+four configurations (2026-12-05) on that box while other engines shared its 2 cores, i.e.
+engine start dominates; about a minute per configuration on an idle box.
 
     python benchmarks/bench_serving.py [--quick] [--configs none,native,lmcache,ours]
         [--users 8 --rounds 4 --concurrency 4 ...] [--out RESULT.json] [--write-results]
