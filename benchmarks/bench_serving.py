@@ -28,9 +28,12 @@ differing request and exits 1.
 Full mode (the default): ``bench`` preset in float32 (8 layers, hidden 1024, 8 KV heads x
 64, 32 KiB of KV per token), 8 users x 4 rounds, system 256 + document 1024 tokens,
 32-token questions and answers, concurrency 4, vLLM KV cache ~30 % of all contexts. On the
-2-core dev box, estimated (not yet measured) at 3-4 minutes per configuration (engine start,
-~35 s idle, plus 32 requests of 1.3-1.5k-token prompts), about 15 minutes in all; native
-fails at engine start. ``--quick`` (2 users x 2 rounds, ``small`` preset, short documents)
+2-core dev box it has not completed yet: an attempt on 2026-12-05, with other engines
+sharing the 2 cores (load ~5), served ``none``'s first 6 of 32 requests in 4 minutes
+(~35 s each), i.e. over an hour for all configurations under such load. An idle box should
+be several times faster, but that is unmeasured; shrink it with ``--users``/``--doc-len``
+(``--dtype bfloat16`` is faster but may break the exact output comparison).
+``--quick`` (2 users x 2 rounds, ``small`` preset, short documents)
 checks only that every configuration runs and answers like ``none``: measured 602 s for all
 four configurations (2026-12-05) on that box while other engines shared its 2 cores, i.e.
 engine start dominates; about a minute per configuration on an idle box.
