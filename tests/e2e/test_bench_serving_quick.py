@@ -12,7 +12,8 @@ import pytest
 
 from tests.helpers.engine import REPO_ROOT, child_env
 
-pytestmark = [pytest.mark.engine, pytest.mark.lmcache_server, pytest.mark.bench_smoke]
+pytestmark = [pytest.mark.engine, pytest.mark.lmcache_server, pytest.mark.bench_smoke,
+              pytest.mark.slow]
 
 
 def test_quick_serving_benchmark_runs_and_ours_answers_like_no_connector(tmp_path):
