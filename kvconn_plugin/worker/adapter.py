@@ -35,10 +35,15 @@ if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
+_warn = RateLimitedLog(logger, interval=30.0)
 
 _DONE: Future = Future()
 _DONE.set_result(None)
-_warn = RateLimitedLog(logger, interval=30.0)
+
+
+def _server_key_identity(token_ids, start: int, end: int, cache_salt: str) -> tuple:
+    """What LMCache compares two transfer keys of one worker by (not the request id)."""
+    return (tuple(token_ids), start, end, cache_salt)
 
 
 class WorkerAdapter:
@@ -215,7 +220,7 @@ class WorkerAdapter:
             # in flight at once share one entry, and the second PREPARE's locks would never
             # be released. Such a load sends its PREPARE only once the one before it has
             # sent its COMMIT (the loader runs loads in order).
-            ident = (spec.token_ids, spec.start, spec.end, spec.cache_salt)
+            ident = _server_key_identity(spec.token_ids, spec.start, spec.end, spec.cache_salt)
             with self._lock:  # the heartbeat holds keys too (_run_read_settle)
                 held = self._held.get(ident)
             deferred = held is not None and not held.done()
@@ -258,7 +263,8 @@ class WorkerAdapter:
             except RuntimeError:  # shutting down
                 return
             self._settling[id(queue)] = fut
-            self._hold([(tuple(k.token_ids), k.start, k.end, k.cache_salt) for k in keys], fut)
+            self._hold([_server_key_identity(k.token_ids, k.start, k.end, k.cache_salt)
+                        for k in keys], fut)
 
     def _load_one(self, spec: TransferSpec, plan: ChunkPlan | None, prepared: ReplyFuture | None,
                   error: KVConnError | None) -> bool:
