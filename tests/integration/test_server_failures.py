@@ -72,6 +72,11 @@ class Worker:
     def blocks_bytes(self, blocks: range) -> list[torch.Tensor]:
         return [t[blocks.start:blocks.stop].clone() for t in self.kv]
 
+    def assert_holds(self, blocks: range, expected: list[torch.Tensor]) -> None:
+        """Every layer's ``blocks`` hold exactly ``expected`` (``blocks_bytes`` of others)."""
+        for t, ref in zip(self.kv, expected, strict=True):
+            assert torch.equal(t[blocks.start:blocks.stop].view(torch.uint8), ref.view(torch.uint8))
+
     def poison(self, blocks: range) -> None:
         for t in self.kv:
             t[blocks.start:blocks.stop].view(torch.uint8).fill_(POISON)
@@ -185,8 +190,7 @@ def test_retrieve_in_flight_when_server_dies_becomes_load_error_then_hits_resume
         assert _lookup(server, "b-load", toks) == 2
         _, errors = w.load(_spec("b-load", toks, dst))
         assert errors == set()
-        for t, ref in zip(w.kv, expected, strict=True):
-            assert torch.equal(t[dst.start:dst.stop].view(torch.uint8), ref.view(torch.uint8))
+        w.assert_holds(dst, expected)
     finally:
         w.close()
 
@@ -349,8 +353,7 @@ def test_frozen_server_mid_transfer_is_cut_off_by_the_heartbeat(server):
         w.poison(dst)
         _, errors = w.load(_spec("e-load2", toks, dst))
         assert errors == set()
-        for t, ref in zip(w.kv, expected, strict=True):
-            assert torch.equal(t[dst.start:dst.stop].view(torch.uint8), ref.view(torch.uint8))
+        w.assert_holds(dst, expected)
     finally:
         if server.process is not None:
             os.killpg(server.process.pid, signal.SIGCONT)
@@ -566,8 +569,7 @@ def test_a_lost_commit_store_is_committed_again_once_the_server_answers(server):
             assert _lookup(server, "lost-commit-load", toks) == 2
             _, errors = w.load(_spec("lost-commit-load", toks, dst))
             assert errors == set()
-            for t, ref in zip(w.kv, expected, strict=True):
-                assert torch.equal(t[dst.start:dst.stop].view(torch.uint8), ref.view(torch.uint8))
+            w.assert_holds(dst, expected)
         finally:
             w.close()
 
@@ -621,8 +623,7 @@ def test_two_loads_of_the_same_chunks_in_one_step_release_every_lock(server):
                   done == {"twin-a", "twin-b"}, 20, "both loads to be reported")
         assert w.adapter.get_block_ids_with_load_errors() == set()
         for dst in (dst_a, dst_b):
-            for t, ref in zip(w.kv, expected, strict=True):
-                assert torch.equal(t[dst.start:dst.stop].view(torch.uint8), ref.view(torch.uint8))
+            w.assert_holds(dst, expected)
         _wait_for(lambda: server_lock_counts(server) == (0, 0), 15,
                   f"every read lock to be released (now {server_lock_counts(server)})")
     finally:
@@ -653,8 +654,7 @@ def test_wait_for_save_never_waits_on_a_frozen_server(server):
         assert _lookup(server, "g-load", toks) == 2
         _, errors = w.load(_spec("g-load", toks, dst))
         assert errors == set()
-        for t, ref in zip(w.kv, expected, strict=True):
-            assert torch.equal(t[dst.start:dst.stop].view(torch.uint8), ref.view(torch.uint8))
+        w.assert_holds(dst, expected)
     finally:
         if server.process is not None:
             os.killpg(server.process.pid, signal.SIGCONT)
@@ -700,8 +700,7 @@ def test_a_late_slot_is_filled_after_vllm_mapped_the_pool_under_inference_mode(s
         assert _lookup(server, "im-load", toks) == 1
         _, errors = w.load(_spec("im-load", toks, dst))
         assert errors == set()
-        for t, ref in zip(w.kv, expected, strict=True):
-            assert torch.equal(t[dst.start:dst.stop].view(torch.uint8), ref.view(torch.uint8))
+        w.assert_holds(dst, expected)
     finally:
         if server.process is not None:
             os.killpg(server.process.pid, signal.SIGCONT)
