@@ -29,6 +29,7 @@ from kvconn_plugin.store_acks import StoreAckRecorder
 from kvconn_plugin.utils import RateLimitedLog
 from kvconn_plugin.worker.chunk_copy import ChunkCopier, GroupCopy
 from kvconn_plugin.worker.session import ChunkPlan, ServerSession
+from kvconn_plugin.worker.settle_queue import key_identity, server_identity
 from kvconn_plugin.worker.store_pipeline import PendingStore, StorePipeline
 
 if TYPE_CHECKING:
@@ -39,11 +40,6 @@ _warn = RateLimitedLog(logger, interval=30.0)
 
 _DONE: Future = Future()
 _DONE.set_result(None)
-
-
-def _server_key_identity(token_ids, start: int, end: int, cache_salt: str) -> tuple:
-    """What LMCache compares two transfer keys of one worker by (not the request id)."""
-    return (tuple(token_ids), start, end, cache_salt)
 
 
 class WorkerAdapter:
@@ -216,14 +212,16 @@ class WorkerAdapter:
             error: KVConnError | None = None
             session = self.session
             # LMCache parks a retrieve's read locks under (instance, key) and leaves the
-            # request id out of the key's identity: two loads of the same tokens and range
-            # in flight at once share one entry, and the second PREPARE's locks would never
-            # be released. Such a load sends its PREPARE only once the one before it has
-            # sent its COMMIT (the loader runs loads in order).
-            ident = _server_key_identity(spec.token_ids, spec.start, spec.end, spec.cache_salt)
+            # request id out of the key's identity: a PREPARE of the same tokens and range
+            # before the earlier COMMIT is applied takes over its entry, and the earlier
+            # lookup's locks are never released. Such a load sends its PREPARE from the
+            # loader (which runs loads and settles in order), once every earlier release of
+            # that identity has been answered (ServerSession.settle_owed).
+            ident = server_identity(spec.token_ids, spec.start, spec.end, spec.cache_salt)
             with self._lock:  # the heartbeat holds keys too (_run_read_settle)
                 held = self._held.get(ident)
-            deferred = held is not None and not held.done()
+            deferred = ((held is not None and not held.done())
+                        or (session is not None and session.owes(ident)))
             if session is None or not self.config.load:
                 error = KVConnError("loading is off or the cache is unavailable")
             else:
@@ -263,8 +261,7 @@ class WorkerAdapter:
             except RuntimeError:  # shutting down
                 return
             self._settling[id(queue)] = fut
-            self._hold([_server_key_identity(k.token_ids, k.start, k.end, k.cache_salt)
-                        for k in keys], fut)
+            self._hold([key_identity(k) for k in keys], fut)
 
     def _load_one(self, spec: TransferSpec, plan: ChunkPlan | None, prepared: ReplyFuture | None,
                   error: KVConnError | None) -> bool:
@@ -272,7 +269,9 @@ class WorkerAdapter:
         ok = False
         try:
             if error is None and prepared is None and plan is not None and session is not None:
-                try:  # deferred behind a load of the same key: its COMMIT has gone out
+                try:  # deferred behind an earlier load or release of the same key
+                    session.settle_owed(key_identity(plan.key),
+                                        2 * self.config.heartbeat_interval)
                     prepared = session.client.prepare_retrieve_async(plan.key,
                                                                      session.instance_id)
                 except KVConnError as exc:

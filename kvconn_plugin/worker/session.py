@@ -32,7 +32,7 @@ from kvconn_plugin.parallel import KVRanks
 from kvconn_plugin.stats import KVConnStats
 from kvconn_plugin.utils import PeriodicTask, RateLimitedLog
 from kvconn_plugin.worker.chunk_copy import ChunkCopier
-from kvconn_plugin.worker.settle_queue import SettleQueue
+from kvconn_plugin.worker.settle_queue import SettleQueue, key_identity
 from kvconn_plugin.worker.unsettled_commits import UnsettledCommits
 from kvconn_plugin.worker.unsettled_loads import UnsettledLoads, UnsettledRetrieveCommits
 
@@ -103,6 +103,9 @@ class ServerSession:
         self.unsettled_retrieve_commits = UnsettledRetrieveCommits()
         # Stores whose COMMIT_STORE may not have arrived: committed again by the heartbeat.
         self.unsettled_commits = UnsettledCommits()
+        # COMMIT_RETRIEVEs sent and not answered yet, by server key identity (see owes).
+        self._commits_in_flight: dict[tuple, ReplyFuture] = {}
+        self._commits_lock = threading.Condition()
         # Runs a read-lock settle (the loader replaces it so that a settle never overlaps
         # a load of the same key; see WorkerAdapter._run_read_settle).
         self.run_read_settle: Callable[[SettleQueue, Callable[[], Any]], None] = (
@@ -218,10 +221,15 @@ class ServerSession:
             else:
                 self._register(timeout=interval)
                 logger.info("kvconn: re-registered with LMCache server at %s", self.client.url)
-            for queue in (self.unsettled, self.unsettled_retrieve_commits):
-                if len(queue):
-                    self.run_read_settle(queue, lambda q=queue: q.settle(
-                        self.client, self.instance_id, interval))
+            # Lost COMMITs first: a failed load's recovery PREPARE of the same identity
+            # would take over the parked entry such a COMMIT has yet to release (see owes).
+            if len(self.unsettled_retrieve_commits):
+                self.run_read_settle(self.unsettled_retrieve_commits, lambda: (
+                    self.unsettled_retrieve_commits.settle(self.client, self.instance_id,
+                                                           interval)))
+            if len(self.unsettled):
+                self.run_read_settle(self.unsettled, lambda: self.unsettled.settle(
+                    self.client, self.instance_id, interval, blocked=self._commit_owed))
             if len(self.unsettled_commits):
                 self.unsettled_commits.settle(self.client, self.instance_id, interval)
         except KVConnError as exc:
@@ -313,7 +321,9 @@ class ServerSession:
 
     def _commit_retrieve(self, key: CacheKey) -> None:
         """Release a load's read locks without waiting for the reply; a COMMIT_RETRIEVE
-        that is lost, or finds no connection, is sent again by the heartbeat."""
+        that is lost, or finds no connection, is sent again by the heartbeat. Until its
+        reply the key's identity counts as owed (``owes``)."""
+        identity = key_identity(key)
         try:
             fut = self.client.commit_retrieve_async(key, self.instance_id)
         except KVConnError as exc:
@@ -323,9 +333,43 @@ class ServerSession:
         def done(f: ReplyFuture) -> None:
             exc = None if f.cancelled() else f.exception()
             if f.cancelled() or exc is not None:
-                self.unsettled_retrieve_commits.add(key, exc)
+                self.unsettled_retrieve_commits.add(key, exc)  # before it stops being in flight
+            with self._commits_lock:
+                if self._commits_in_flight.get(identity) is f:
+                    del self._commits_in_flight[identity]
+                self._commits_lock.notify_all()
 
+        with self._commits_lock:
+            self._commits_in_flight[identity] = fut
         fut.add_done_callback(done)
+
+    def _commit_owed(self, identity: tuple) -> bool:
+        with self._commits_lock:
+            if identity in self._commits_in_flight:
+                return True
+        return self.unsettled_retrieve_commits.owes(identity)
+
+    def owes(self, identity: tuple) -> bool:
+        """Whether a release of this server key identity is in flight or still to be settled.
+
+        LMCache parks a retrieve's read locks under (instance, key), and the key's identity
+        leaves the request id out: a PREPARE_RETRIEVE of the same tokens and range before the
+        earlier COMMIT_RETRIEVE is applied replaces the parked entry, and the earlier lookup's
+        locks are never released."""
+        return self._commit_owed(identity) or self.unsettled.owes(identity)
+
+    def settle_owed(self, identity: tuple, timeout: float) -> None:
+        """Before a PREPARE_RETRIEVE of this identity (on the loader thread, which also runs
+        the heartbeat's settles): wait for its COMMIT in flight, then settle its lost COMMITs
+        and then its failed loads' locks, in that order. Raises ``KVConnError`` when that does
+        not happen within ``timeout`` each: the PREPARE must not go out then."""
+        with self._commits_lock:
+            # Until its callback has run: a failed COMMIT is queued for a retry there.
+            if not self._commits_lock.wait_for(
+                    lambda: identity not in self._commits_in_flight, timeout):
+                raise KVConnTimeout("an earlier COMMIT_RETRIEVE of these chunks is unanswered")
+        for queue in (self.unsettled_retrieve_commits, self.unsettled):
+            queue.settle_matching(identity, self.client, self.instance_id, timeout)
 
     def retrieve(self, spec: TransferSpec, plan: ChunkPlan, prepared: ReplyFuture) -> None:
         """Scatter the chunks PREPARE_RETRIEVE lent into vLLM's blocks, then release them.

@@ -24,6 +24,17 @@ def ident(key: CacheKey) -> tuple:
     return (key.request_id, key.worker_id, key.start, key.end)
 
 
+def server_identity(token_ids, start: int, end: int, cache_salt: str) -> tuple:
+    """What LMCache compares one worker's transfer keys by: the request id is left out
+    (``IPCCacheServerKey.request_id`` does not take part in equality), so two loads of the
+    same tokens and range share the server's parked read locks."""
+    return (tuple(token_ids), start, end, cache_salt)
+
+
+def key_identity(key: CacheKey) -> tuple:
+    return server_identity(key.token_ids, key.start, key.end, key.cache_salt)
+
+
 class SettleQueue:
     """Each key at most once; ``settle`` runs ``_settle_one`` on up to ``PER_CALL`` of them."""
 
@@ -49,15 +60,43 @@ class SettleQueue:
         with self._lock:
             return [k for k, _ in self._keys]
 
-    def settle(self, client, instance_id: int, timeout: float) -> int:
+    def owes(self, identity: tuple) -> bool:
+        """Whether a key with this server identity is waiting to be settled."""
+        with self._lock:
+            return any(key_identity(k) == identity for k, _ in self._keys)
+
+    def settle_matching(self, identity: tuple, client, instance_id: int,
+                        timeout: float) -> None:
+        """Settle now, in order, every key with this server identity (a load of the same
+        chunks is about to PREPARE them). Raises the first ``KVConnError``; that key and
+        the ones after it stay queued."""
+        with self._lock:
+            mine = [e for e in self._keys if key_identity(e[0]) == identity]
+            for e in mine:
+                self._keys.remove(e)
+        for i, (key, attempts) in enumerate(mine):
+            try:
+                self._settle_one(client, key, instance_id, timeout)
+            except KVConnError as exc:
+                rest = [(key, attempts + 1)] if attempts + 1 < MAX_ATTEMPTS else []
+                with self._lock:
+                    self._keys.extend(rest + mine[i + 1:])
+                raise exc
+
+    def settle(self, client, instance_id: int, timeout: float, blocked=None) -> int:
         """Settle up to ``PER_CALL`` keys (blocking, each within ``timeout``); returns how
-        many got an answer. Call only while the server answers."""
+        many got an answer. Call only while the server answers. A key whose server identity
+        ``blocked`` says must wait (an earlier release of it is owed) stays queued."""
         done = 0
         for _ in range(PER_CALL):
             with self._lock:
                 if not self._keys:
                     break
                 key, attempts = self._keys.popleft()
+            if blocked is not None and blocked(key_identity(key)):
+                with self._lock:
+                    self._keys.append((key, attempts))
+                continue
             try:
                 self._settle_one(client, key, instance_id, timeout)
                 done += 1

@@ -630,6 +630,51 @@ def test_two_loads_of_the_same_chunks_in_one_step_release_every_lock(server):
         w.close()
 
 
+@pytest.mark.parametrize("later_step", [False, True], ids=["same-step", "next-step"])
+def test_a_twin_load_waits_for_a_lost_commit_retrieve_to_be_settled(server, later_step):
+    """Chaos episode 1106: the first of two loads of the same chunks loses its
+    COMMIT_RETRIEVE. A PREPARE of the twin before that COMMIT is applied takes over the
+    server's parked entry (the request id is not part of the key's identity), the twin's
+    COMMIT releases one read lock per chunk, and the retried COMMIT finds nothing: one
+    lookup's locks stay for the 300 s TTL. The twin must wait until the lost COMMIT is
+    settled, in the same step or in a later one sent before the heartbeat's retry."""
+    from tests.helpers.fault_proxy import Fault, FaultProxy
+
+    with FaultProxy((server.host, server.port), seed=5) as proxy:
+        w = Worker(_Via(proxy.url), **{"kvconn.transfer_timeout": 2,
+                                       "lmcache.mp.heartbeat_interval": 2})
+        try:
+            toks, blocks = _tokens(2 * CHUNK, 17), range(2 * CHUNK // BLOCK)
+            w.fill(blocks, seed=17)
+            expected = w.blocks_bytes(blocks)
+            w.store(_spec("lost-twin", toks, blocks))
+            assert _lookup(server, "lt-a", toks) == 2 and _lookup(server, "lt-b", toks) == 2
+            dst_a, dst_b = range(32, 64), range(32)
+            w.poison(dst_a)
+            w.poison(dst_b)
+            proxy.arm([Fault("drop_request", at_msg=0, op="COMMIT_RETRIEVE")])
+            done: set[str] = set()
+            if later_step:
+                w.adapter.start_load_kv(KVConnMetadata(loads=[_spec("lt-a", toks, dst_a)]))
+                _wait_for(lambda: done.update(w.adapter.get_finished(set())[1] or ()) or
+                          "lt-a" in done, 20, "the first load to be reported")
+                w.adapter.start_load_kv(KVConnMetadata(loads=[_spec("lt-b", toks, dst_b)]))
+            else:
+                w.adapter.start_load_kv(KVConnMetadata(loads=[_spec("lt-a", toks, dst_a),
+                                                              _spec("lt-b", toks, dst_b)]))
+            _wait_for(lambda: done.update(w.adapter.get_finished(set())[1] or ()) or
+                      done == {"lt-a", "lt-b"}, 20, "both loads to be reported")
+            assert w.adapter.get_block_ids_with_load_errors() == set()
+            for dst in (dst_a, dst_b):
+                w.assert_holds(dst, expected)
+            _wait_for(lambda: server_lock_counts(server) == (0, 0), 20,
+                      f"every read lock to be released (now {server_lock_counts(server)})")
+            log = proxy.heal()
+            assert [e["op"] for e in log if e["kind"] == "dropped"] == ["COMMIT_RETRIEVE"]
+        finally:
+            w.close()
+
+
 def test_wait_for_save_never_waits_on_a_frozen_server(server):
     """The engine thread's part of a store is the copy out of vLLM's blocks: with the
     server frozen and every network deadline long (30 s heartbeat, 120 s transfers),
