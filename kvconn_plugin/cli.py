@@ -40,7 +40,8 @@ def _dist_version(*names: str) -> str | None:
     return None
 
 
-def doctor(extra: dict[str, Any], engine_args: dict[str, Any] | None = None) -> int:
+def doctor(extra: dict[str, Any], engine_args: dict[str, Any] | None = None,
+           status_urls: list[str] | None = None) -> int:
     from kvconn_plugin.config import parse_config
 
     rep = Report()
@@ -61,7 +62,7 @@ def doctor(extra: dict[str, Any], engine_args: dict[str, Any] | None = None) -> 
     _check_resolver(rep, extra)
     _check_kv_format(rep, engine_args)
     _check_kernels(rep)
-    _check_server(rep, cfg)
+    _check_servers(rep, cfg, status_urls)
     return 1 if rep.failed else 0
 
 
@@ -119,12 +120,52 @@ def _check_kernels(rep: Report) -> None:
     rep.line(OK, "kernels", f"backend {ops.BACKEND}; " + json.dumps(info, default=str)[:400])
 
 
-def _check_server(rep: Report, cfg: Any) -> None:
+def _check_servers(rep: Report, cfg: Any, status_urls: list[str] | None) -> None:
+    """Each configured server (one per rank block with several), then what they share."""
+    urls = list(cfg.server_urls)
+    if status_urls is not None and len(status_urls) != len(urls):
+        rep.line(FAIL, "status pages", f"{len(status_urls)} --status-urls for {len(urls)} "
+                 "servers", "give one status URL per entry of lmcache.mp.server_urls")
+        status_urls = None
+    chunks = {}
+    for i, url in enumerate(urls):
+        label = "server" if len(urls) == 1 else f"server {i + 1}/{len(urls)}"
+        chunk = _check_server(rep, cfg, url, label)
+        if chunk is not None:
+            chunks[url] = chunk
+        _check_status(rep, label, url, None if status_urls is None else status_urls[i])
+    if len(set(chunks.values())) > 1:
+        rep.line(FAIL, "servers", "chunk sizes differ: " + ", ".join(
+            f"{u}={c}" for u, c in chunks.items()), "start every server with one --chunk-size")
+
+
+def _check_status(rep: Report, label: str, url: str, status_url: str | None) -> None:
+    """L2 tiers from the server's HTTP status page (its port is not part of the ZMQ URL:
+    LMCache's default is tried unless one is given)."""
+    from kvconn_plugin.server.status import default_status_url, fetch_status
+
+    given = status_url is not None
+    target = status_url or default_status_url(url)
+    try:
+        st = fetch_status(target, timeout=2.0)
+    except KVConnError as exc:
+        rep.line(WARN if given else OK, f"{label} L2",
+                 f"not checked ({exc})" if given else
+                 f"not checked (no status page at {target}; pass --status-urls)")
+        return
+    tiers = "; ".join(t.describe() for t in st.l2) or "none (L1 only)"
+    bad = any(not t.healthy for t in st.l2) or not st.healthy
+    rep.line(WARN if bad else OK, f"{label} L2", f"{tiers}; {st.read_locked} read-locked, "
+             f"{st.write_locked} write-locked objects" + ("" if st.healthy else
+                                                          "; server reports itself unhealthy"))
+
+
+def _check_server(rep: Report, cfg: Any, url: str, label: str) -> int | None:
+    """Ping, chunk size, engine-driven registration and SHM pool; returns the chunk size."""
     from kvconn_plugin.client.api import LMCacheClient, new_instance_id
     from kvconn_plugin.client.protocol import RegisterEngineDrivenPayload
     from kvconn_plugin.client.shm_pool import ShmPool
 
-    url = cfg.server_urls[0]
     start = "lmcache server --l1-size-gb 20 --eviction-policy LRU " \
             f"--port {url.rsplit(':', 1)[-1]} --supported-transfer-mode auto --shm-name kvconn"
     with LMCacheClient(url, control_timeout=min(cfg.control_timeout, 3.0)) as client:
@@ -135,9 +176,9 @@ def _check_server(rep: Report, cfg: Any) -> None:
             status = FAIL if cfg.require_server else WARN
             hint = (start if not cfg.autostart
                     else f"{start}  (or let autostart run it: pip install lmcache)")
-            rep.line(status, "server", f"{url}: {exc}", hint)
-            return
-        rep.line(OK, "server", f"{url} answers; chunk size {chunk}")
+            rep.line(status, label, f"{url}: {exc}", hint)
+            return None
+        rep.line(OK, label, f"{url} answers; chunk size {chunk}")
         iid = new_instance_id()
         try:
             reply = client.register_engine_driven(RegisterEngineDrivenPayload(
@@ -145,22 +186,25 @@ def _check_server(rep: Report, cfg: Any) -> None:
                 num_layers=1, hidden_dim_size=64, dtype_str="bfloat16", use_mla=False,
                 num_physical_slots=chunk), timeout=3.0)
         except KVConnError:
-            rep.line(FAIL, "transfer mode", "engine-driven transfers are not enabled",
+            rep.line(FAIL, f"{label} transfer mode", "engine-driven transfers are not enabled",
                      "restart the server with --supported-transfer-mode auto")
-            return
+            return chunk
         with contextlib.suppress(KVConnError):
             client.unregister_engine_driven(iid, timeout=3.0)
         if not reply.shm_name:
-            rep.line(WARN, "SHM pool", "server has no SHM pool: chunks travel pickled (slow)",
+            rep.line(WARN, f"{label} SHM pool",
+                     "server has no SHM pool: chunks travel pickled (slow)",
                      "restart the server with --shm-name NAME (and --no-l1-use-lazy on GPU hosts)")
-            return
+            return chunk
         try:
             ShmPool(reply.shm_name, reply.pool_size).close()
         except KVConnError as exc:
-            rep.line(FAIL, "SHM pool", str(exc), "run vLLM and the server with a shared /dev/shm")
-            return
-        rep.line(OK, "SHM pool",
+            rep.line(FAIL, f"{label} SHM pool", str(exc),
+                     "run vLLM and the server with a shared /dev/shm")
+            return chunk
+        rep.line(OK, f"{label} SHM pool",
                  f"/dev/shm/{reply.shm_name} ({reply.pool_size / 2**30:.1f} GiB) is mappable")
+        return chunk
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,6 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--engine-args", default=os.environ.get("KVCONN_ENGINE_ARGS"),
                    help="vLLM engine arguments as JSON, e.g. '{\"model\": \"M\", "
                    "\"kv_cache_dtype\": \"fp8\"}': also checks the KV cache format")
+    d.add_argument("--status-urls", default=os.environ.get("KVCONN_STATUS_URLS"),
+                   help="comma-separated HTTP status pages of the servers, one per entry of "
+                   "lmcache.mp.server_urls, e.g. http://host:8080/status (reports L2 tiers; "
+                   "default: each server's host on LMCache's default HTTP port)")
     sub.add_parser("build-info", help="print what native code was built and why")
     args = ap.parse_args(argv)
     if args.cmd == "doctor":
@@ -181,8 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         except json.JSONDecodeError as exc:
             print(f"--extra-config / --engine-args is not JSON: {exc}")
             return 2
+        status = ([u.strip() for u in args.status_urls.split(",") if u.strip()]
+                  if args.status_urls else None)
         return doctor(extra if isinstance(extra, dict) else {},
-                      engine if isinstance(engine, dict) else None)
+                      engine if isinstance(engine, dict) else None, status)
     if args.cmd == "build-info":
         from kvconn_plugin import ops
 

@@ -14,10 +14,10 @@ from tests.conftest import free_port
 pytestmark = pytest.mark.lmcache_server
 
 
-def _doctor(extra: dict) -> subprocess.CompletedProcess:
+def _doctor(extra: dict, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "LMCACHE_TRACK_USAGE": "false", "DO_NOT_TRACK": "1"}
     return subprocess.run([sys.executable, "-m", "kvconn_plugin", "doctor",
-                           "--extra-config", json.dumps(extra)],
+                           "--extra-config", json.dumps(extra), *args],
                           capture_output=True, text=True, timeout=180, env=env)
 
 
@@ -26,8 +26,28 @@ def test_doctor_with_server(lmcache_server):
     out = _doctor({"lmcache.mp.host": host, "lmcache.mp.port": int(port)})
     assert out.returncode == 0, out.stdout + out.stderr
     assert "[OK  ] server" in out.stdout and "chunk size 256" in out.stdout
-    assert "[OK  ] SHM pool" in out.stdout
+    assert "[OK  ] server SHM pool" in out.stdout
     assert "[OK  ] kernels" in out.stdout and "resolver" in out.stdout
+
+
+def test_doctor_reports_every_server_and_its_l2_tiers(lmcache_server_factory, tmp_path):
+    """Two servers, the second with an fs L2 tier: one block of lines per server, with the
+    tiers its status page lists; a wrong count of status pages is refused."""
+    plain = lmcache_server_factory()
+    tiered = lmcache_server_factory(extra_args=(
+        "--l2-adapter", json.dumps({"type": "fs", "base_path": str(tmp_path / "l2")})))
+    servers = [plain, tiered]
+    extra = {"lmcache.mp.server_urls": [s.url for s in servers]}
+    pages = ",".join(f"http://127.0.0.1:{s.http_port}/status" for s in servers)
+    out = _doctor(extra, "--status-urls", pages)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for i, s in enumerate(servers, 1):
+        assert f"[OK  ] server {i}/2: {s.url} answers; chunk size 256" in out.stdout
+        assert f"[OK  ] server {i}/2 SHM pool" in out.stdout
+    assert "[OK  ] server 1/2 L2: none (L1 only)" in out.stdout
+    assert f"[OK  ] server 2/2 L2: FSL2Adapter (healthy, {tmp_path / 'l2'})" in out.stdout
+    wrong = _doctor(extra, "--status-urls", pages.split(",")[0])
+    assert wrong.returncode == 1 and "[FAIL] status pages" in wrong.stdout
 
 
 def test_doctor_fails_when_config_cannot_work():
