@@ -108,9 +108,8 @@ class KVConnPluginConnector(KVConnectorBase_V1, SupportsHMA):
                     hash_block_size=getattr(kv_cache_config, "hash_block_size", None),
                     hashes=config.kv_events_hashes,
                 )
-                # With several servers, evictions are followed on the first one only.
-                self._events.start_stream(
-                    config.server_urls[0], model_name,
+                self._events.start_streams(
+                    config.server_urls, model_name,
                     interval=config.heartbeat_interval, control_timeout=config.control_timeout,
                 )
         else:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import collections
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,7 +82,7 @@ class OffloadEvents:
         self.block_size = block_size
         self.hash_block_size = hash_block_size or block_size
         self.writers = max(1, writers)
-        self.stream: ServerEventStream | None = None
+        self.streams: list[ServerEventStream] = []
         self._requests: dict[str, Any] = {}
         self._server_hashes: dict[str, list[bytes]] = {}
         self._pending: collections.OrderedDict[tuple[str, int, int], _Pending] = (
@@ -97,17 +97,26 @@ class OffloadEvents:
 
     # ------------------------------------------------------------------ set-up
 
-    def start_stream(self, url: str, model_name: str, *, interval: float,
-                     control_timeout: float) -> None:
-        """Follow the server's evictions (a thread of its own; see ``event_stream``)."""
-        self.stream = ServerEventStream(url, model_name, self, interval=interval,
-                                        control_timeout=control_timeout)
-        self.stream.start()
+    def start_streams(self, urls: Sequence[str], model_name: str, *, interval: float,
+                      control_timeout: float) -> None:
+        """Follow every server's evictions (a thread each; see ``event_stream``). With
+        several servers each holds its rank block's share of a chunk: a chunk evicted from
+        any of them is no longer a hit, and a server whose log is lost withdraws all."""
+        for url in urls:
+            stream = ServerEventStream(url, model_name, self, interval=interval,
+                                       control_timeout=control_timeout)
+            self.streams.append(stream)
+            stream.start()
+
+    @property
+    def live(self) -> bool:
+        """Whether every server's eviction log is being followed now."""
+        return bool(self.streams) and all(s.live for s in self.streams)
 
     def close(self) -> None:
-        if self.stream is not None:
-            self.stream.close()
-            self.stream = None
+        streams, self.streams = self.streams, []
+        for stream in streams:
+            stream.close()
 
     # ------------------------------------------------------------------ EventSink (stream thread)
 
@@ -175,7 +184,7 @@ class OffloadEvents:
             return
         self._drain_inbox()
         self._pending.clear()
-        if self.stream is None or not self.stream.live:
+        if not self.live:
             self._withdraw_all()
 
     def take(self) -> list[KVCacheEvent]:

@@ -95,9 +95,9 @@ def test_routers_see_our_chunks_with_vllm_block_hashes_and_their_eviction(server
     sub = KVEventSubscriber(f"tcp://127.0.0.1:{port}")
     model = h.vllm_config.model_config.model
     try:
-        assert h.connector._events.stream is not None
+        assert h.connector._events.streams
         deadline = time.monotonic() + 20
-        while not h.connector._events.stream.live and time.monotonic() < deadline:
+        while not h.connector._events.live and time.monotonic() < deadline:
             time.sleep(0.05)
         toks = _tokens(600, 11)
         req = h.request("ev", toks, cache_salt="tenant-1")

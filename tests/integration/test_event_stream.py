@@ -115,3 +115,56 @@ def test_server_without_event_log_is_never_live(lmcache_server_factory):
         assert not stream.live and not sink.resyncs
     finally:
         stream.close()
+
+
+def test_an_eviction_on_any_of_two_servers_withdraws_the_chunk(lmcache_server_factory):
+    """With two servers each holds its rank block's share of a chunk, so an eviction on
+    either one ends the hit: OffloadEvents follows both logs, withdraws what the second
+    server evicted, and withdraws everything when one of them is lost."""
+    from vllm.distributed.kv_events import BlockRemoved, BlockStored
+
+    from kvconn_plugin.metadata import TransferSpec
+    from kvconn_plugin.scheduler.events import OffloadEvents
+    from kvconn_plugin.store_acks import StoreAckBatch
+    from tests.helpers.sched_harness import make_request
+
+    servers = [lmcache_server_factory(), lmcache_server_factory()]
+    bs = 16
+    ev = OffloadEvents(block_size=bs, writers=2)
+    ev.start_streams([s.url for s in servers], MODEL, interval=0.5, control_timeout=2)
+    try:
+        deadline = time.monotonic() + 20
+        while not ev.live and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ev.live and len(ev.streams) == 2
+        toks = _tokens(2 * CHUNK, 7)
+        req = make_request("r", toks, block_size=bs)
+        ev.watch(req)
+        spec = TransferSpec(request_id="r", token_ids=tuple(toks), start=0, end=2 * CHUNK,
+                            block_ids=tuple(range(2 * CHUNK // bs)))
+        ev.on_stores_planned([spec], CHUNK)
+        ev.on_worker_events(StoreAckBatch([("r", 0, 2 * CHUNK, (0, 1))] * 2))
+        assert [type(e) for e in ev.take()] == [BlockStored, BlockStored]
+        # The second server evicts the chunks (its CLEAR): both are withdrawn.
+        seed_server(servers[1].url, MODEL, toks)
+        with LMCacheClient(servers[1].url) as c:
+            c.clear(force=False)
+        removed: list = []
+        deadline = time.monotonic() + 20
+        while ev.announced_chunks and time.monotonic() < deadline:
+            removed += [e for e in ev.take() if isinstance(e, BlockRemoved)]
+            time.sleep(0.05)
+        assert ev.announced_chunks == 0
+        assert len({h for e in removed for h in e.block_hashes}) == 2 * CHUNK // bs
+        # Announced again, then the first server dies: its log is lost, all is withdrawn.
+        ev.on_stores_planned([spec], CHUNK)
+        ev.on_worker_events(StoreAckBatch([("r", 0, 2 * CHUNK, (0, 1))] * 2))
+        assert ev.announced_chunks == 2
+        servers[0].kill_hard()
+        deadline = time.monotonic() + 30
+        while ev.announced_chunks and time.monotonic() < deadline:
+            ev.take()
+            time.sleep(0.1)
+        assert ev.announced_chunks == 0 and not ev.live
+    finally:
+        ev.close()
