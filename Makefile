@@ -30,12 +30,11 @@ RUN_032 = $(PY) -m pytest -q tests -m "not slow"
 RUN_033 = VLLM_TARGET_DEVICE=cpu KVCONN_TEST_LMCACHE_BIN=$(abspath $(VENV))/bin/lmcache \
 	KVCONN_SOAK_REQUESTS=2000 $(PY033) -m pytest -q -m "not engine" $(TESTS_033)
 
-# The whole suite on vLLM 0.32, then the vLLM 0.33 job (its environment is set up after the
-# first run, so a set-up failure cannot hide the 0.32 results); either failing fails.
+# The suite on vLLM 0.32 (all but "slow") and the vLLM 0.33 job, in two streams side by side:
+# the real-engine tests one at a time, and everything else followed by the 0.33 job
+# (scripts/run_tests.sh; the second stream's log is printed at the end). Either failing fails.
 test: env
-	@rc=0; echo "== vLLM 0.32: $(RUN_032)"; $(RUN_032) || rc=1; \
-	VENV033=$(VENV033) bash scripts/setup_env_033.sh && \
-	{ echo "== vLLM 0.33: $(RUN_033)"; $(RUN_033); } || rc=1; exit $$rc
+	VENV=$(VENV) VENV033=$(VENV033) bash scripts/run_tests.sh
 
 test-032: env
 	$(RUN_032)

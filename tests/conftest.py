@@ -10,7 +10,6 @@ import contextlib
 import importlib.util
 import itertools
 import os
-import re
 import shutil
 import signal
 import socket
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import shm_check
 from tests.helpers.redis_server import RedisServer, redis_server_binary
 
 # Telemetry off for every server and engine a test starts (also inherited by children).
@@ -97,68 +97,9 @@ def _no_leaked_kvconn_threads() -> Iterator[None]:
 
 # ---------------------------------------------------------------------------- /dev/shm leaks
 
-SHM_DIR = Path("/dev/shm")
-# Python shared_memory (vLLM's message queues), multiprocessing semaphores, LMCache pools,
-# our autostarted servers' pools, torch tensor sharing.
-SHM_PREFIXES = ("psm_", "sem.mp-", "mp-", "lmcache", "kvconn", "vllm", "torch_")
-SHM_GRACE_S = 5.0  # exiting processes unlink their segments on the way out
-
-
-def _shm_entries() -> set[str]:
-    try:
-        return {n for n in os.listdir(SHM_DIR) if n.startswith(SHM_PREFIXES)}
-    except OSError:  # no /dev/shm (not Linux): nothing to check
-        return set()
-
-
-def _shm_in_use(names: set[str]) -> set[str]:
-    """The subset of ``names`` some live process still maps or holds open (a running
-    server's pool, a wider-scoped fixture's engine, another test run's queues): not leaks."""
-    paths = {str(SHM_DIR / n): n for n in names}
-    used: set[str] = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/maps", errors="replace") as f:
-                for line in f:
-                    _, sep, rest = line.rstrip("\n").partition("/dev/shm/")
-                    if sep and sep + rest in paths:
-                        used.add(paths[sep + rest])
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if target in paths:
-                    used.add(paths[target])
-        except OSError:  # gone meanwhile, or not ours to read
-            continue
-        if used == names:
-            break
-    return used
-
 
 def _leaked_shm(before: set[str]) -> list[str]:
-    """Entries that appeared since ``before``, are ours (our uid; an LMCache pool of another
-    pytest's fixtures is skipped), and no live process holds, after ``SHM_GRACE_S``."""
-
-    def candidates() -> set[str]:
-        out = set()
-        for name in _shm_entries() - before:
-            m = re.match(r"lmcache_l1_pool_kvt(\d+)x", name)
-            if m and int(m.group(1)) != os.getpid():
-                continue  # a concurrent test session's server
-            try:
-                if os.stat(SHM_DIR / name).st_uid != os.getuid():
-                    continue
-            except FileNotFoundError:
-                continue
-            out.add(name)
-        return out
-
-    deadline = time.monotonic() + SHM_GRACE_S
-    while True:
-        leaked = candidates()
-        leaked -= _shm_in_use(leaked) if leaked else set()
-        if not leaked or time.monotonic() > deadline:
-            return sorted(leaked)
-        time.sleep(0.2)
+    return shm_check.leaked(before, pid=os.getpid(), generic=not shm_check.PARALLEL_STREAMS)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -167,7 +108,7 @@ def _no_leaked_shm_module() -> Iterator[set[str]]:
     /dev/shm that nobody holds. Module scope catches what module-scoped fixtures (an engine
     run shared by several tests) leave behind; being the first module fixture, it is torn
     down after the module's own fixtures."""
-    before = _shm_entries()
+    before = shm_check.entries()
     yield before  # the per-test check adds what it already reported
     leaked = _leaked_shm(before)
     if leaked:
@@ -177,7 +118,7 @@ def _no_leaked_shm_module() -> Iterator[set[str]]:
 @pytest.fixture(autouse=True)
 def _no_leaked_shm(_no_leaked_shm_module: set[str]) -> Iterator[None]:
     """Per test, for attribution: the same check after the test's own fixtures are gone."""
-    before = _shm_entries()
+    before = shm_check.entries()
     yield
     leaked = _leaked_shm(before)
     if leaked:
