@@ -34,7 +34,7 @@ from kvconn_plugin.tools.run_engine import run_engine
 from kvconn_plugin.tools.tiny_model import PRESETS, write_tiny_llama
 
 
-def _kvt(port: int, impl: str) -> dict:
+def _kvt(port: int, impl: str, lookup_timeout: float | None = None) -> dict:
     return {
         "kv_connector": "KVConnPluginConnector" if impl == "builtin" else "LMCacheMPConnector",
         "kv_role": "kv_both",
@@ -43,6 +43,7 @@ def _kvt(port: int, impl: str) -> dict:
             "lmcache.mp.host": "tcp://127.0.0.1", "lmcache.mp.port": port,
             "lmcache.mp.autostart": False, "kvconn.impl": impl,
             "lmcache.mp.mp_transfer_mode": "engine_driven",
+            **({"kvconn.lookup_timeout": lookup_timeout} if lookup_timeout else {}),
         },
     }
 
@@ -59,8 +60,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefix", type=int, default=1024)
     ap.add_argument("--warmup", type=int, default=1,
                     help="untimed prompts each engine serves first (0: time the cold start)")
-    ap.add_argument("--out", default="benchmarks/results/bench_e2e.txt")
+    ap.add_argument("--tp", type=int, default=1, choices=(1, 2),
+                    help="tensor parallel size (2: vLLM's mp executor, one core per rank)")
+    ap.add_argument("--lookup-timeout", type=float, default=None,
+                    help="kvconn.lookup_timeout for ours (default: the connector's)")
+    ap.add_argument("--out", default=None,
+                    help="default: benchmarks/results/bench_e2e.txt (bench_e2e_tp2.txt at TP=2)")
     args = ap.parse_args(argv)
+    out = args.out or ("benchmarks/results/bench_e2e.txt" if args.tp == 1
+                       else f"benchmarks/results/bench_e2e_tp{args.tp}.txt")
+    # TP=2 on vLLM CPU: ranks bound by hand (its automatic binding needs NUMA nodes).
+    engine_args = ({} if args.tp == 1 else
+                   {"tensor_parallel_size": args.tp, "distributed_executor_backend": "mp"})
+    env = {} if args.tp == 1 else {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
     t_start = time.time()
     rows: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="kvconn-bench-e2e-") as tmp:
@@ -70,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         prompts = [p for i in range(args.warmup + args.prompts)
                    for p in make_prompts(1, args.prefix, 16, vocab, seed=100 + i)]
         log = Path(tmp) / "engines.log"
-        base = run_engine(model, prompts, max_tokens=1, log_path=log)
+        base = run_engine(model, prompts, max_tokens=1, log_path=log,
+                          engine_args=engine_args, env=env)
         recompute = _median_ttft(base, args.warmup)
         rows.append(("recompute (no connector)", f"{recompute * 1e3:9.1f} ms   1.00x"))
         port = free_port()
@@ -83,10 +96,11 @@ def main(argv: list[str] | None = None) -> int:
                 name = ("ours (KVConnPluginConnector)" if impl == "builtin"
                         else "lmcache's LMCacheMPConnector")
                 try:
-                    run_engine(model, prompts, kv_transfer_config=_kvt(port, impl), max_tokens=1,
-                               log_path=log)
-                    e2 = run_engine(model, prompts, kv_transfer_config=_kvt(port, impl),
-                                    max_tokens=1, log_path=log)
+                    kvt = _kvt(port, impl, args.lookup_timeout if impl == "builtin" else None)
+                    run_engine(model, prompts, kv_transfer_config=kvt, max_tokens=1,
+                               log_path=log, engine_args=engine_args, env=env)
+                    e2 = run_engine(model, prompts, kv_transfer_config=kvt, max_tokens=1,
+                                    log_path=log, engine_args=engine_args, env=env)
                 except RuntimeError as exc:
                     rows.append((name, f"n/a ({str(exc).splitlines()[0][:80]})"))
                     continue
@@ -99,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             if server is not None:
                 server.stop()
     lines = [
-        f"bench_e2e: preset {args.preset}, {args.prompts} timed prompts after {args.warmup} "
+        f"bench_e2e: preset {args.preset}, TP={args.tp}, {args.prompts} timed prompts after "
+        f"{args.warmup} "
         f"warm-up, {args.prefix}-token prefix + 16, "
         "TTFT = 1-token generation, median over prompts",
         f"{'path':<44} {'TTFT':>12}   vs recompute",
@@ -110,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"ours / lmcache hit TTFT: {hits['builtin'] / hits['lmcache']:.2f} "
                      "(<= 1.00 means ours is not slower)")
     lines.append(f"(total {time.time() - t_start:.0f}s)")
-    save(args.out, "\n".join(lines))
+    save(out, "\n".join(lines))
     return 0
 
 
