@@ -600,6 +600,41 @@ def test_a_lost_commit_retrieve_is_sent_again_once_the_server_answers(server):
             w.close()
 
 
+def _twin_loads(w: Worker, server, name: str, seed: int, *, arm=None,
+                later_step: bool = False) -> None:
+    """Store two chunks, look them up for two requests, then load both requests' copies
+    (in one step, or the second in the next step once the first is reported; ``arm`` runs
+    just before the loads). Both loads must work and give the stored bytes back."""
+    toks, blocks = _tokens(2 * CHUNK, seed), range(2 * CHUNK // BLOCK)
+    w.fill(blocks, seed=seed)
+    expected = w.blocks_bytes(blocks)
+    w.store(_spec(name, toks, blocks))
+    a, b = f"{name}-a", f"{name}-b"
+    assert _lookup(server, a, toks) == 2 and _lookup(server, b, toks) == 2
+    dst_a, dst_b = range(32, 64), range(32)
+    w.poison(dst_a)
+    w.poison(dst_b)
+    if arm is not None:
+        arm()
+    done: set[str] = set()
+
+    def reported(ids: set[str]) -> bool:
+        done.update(w.adapter.get_finished(set())[1] or ())
+        return ids <= done
+
+    if later_step:
+        w.adapter.start_load_kv(KVConnMetadata(loads=[_spec(a, toks, dst_a)]))
+        _wait_for(lambda: reported({a}), 20, "the first load to be reported")
+        w.adapter.start_load_kv(KVConnMetadata(loads=[_spec(b, toks, dst_b)]))
+    else:
+        w.adapter.start_load_kv(KVConnMetadata(loads=[_spec(a, toks, dst_a),
+                                                      _spec(b, toks, dst_b)]))
+    _wait_for(lambda: reported({a, b}), 20, "both loads to be reported")
+    assert w.adapter.get_block_ids_with_load_errors() == set()
+    for dst in (dst_a, dst_b):
+        w.assert_holds(dst, expected)
+
+
 def test_two_loads_of_the_same_chunks_in_one_step_release_every_lock(server):
     """Two requests with the same prompt, each with its own lookup, load the same chunks in
     one step. LMCache parks a retrieve's locks under (instance, key) and leaves the request
@@ -608,22 +643,7 @@ def test_two_loads_of_the_same_chunks_in_one_step_release_every_lock(server):
     1053: read locks left without any fault). Both loads must work and free every lock."""
     w = Worker(server)
     try:
-        toks, blocks = _tokens(2 * CHUNK, 16), range(2 * CHUNK // BLOCK)
-        w.fill(blocks, seed=16)
-        expected = w.blocks_bytes(blocks)
-        w.store(_spec("twins", toks, blocks))
-        assert _lookup(server, "twin-a", toks) == 2 and _lookup(server, "twin-b", toks) == 2
-        dst_a, dst_b = range(32, 64), range(32)
-        w.poison(dst_a)
-        w.poison(dst_b)
-        w.adapter.start_load_kv(KVConnMetadata(loads=[_spec("twin-a", toks, dst_a),
-                                                      _spec("twin-b", toks, dst_b)]))
-        done: set[str] = set()
-        _wait_for(lambda: done.update(w.adapter.get_finished(set())[1] or ()) or
-                  done == {"twin-a", "twin-b"}, 20, "both loads to be reported")
-        assert w.adapter.get_block_ids_with_load_errors() == set()
-        for dst in (dst_a, dst_b):
-            w.assert_holds(dst, expected)
+        _twin_loads(w, server, "twin", 16)
         _wait_for(lambda: server_lock_counts(server) == (0, 0), 15,
                   f"every read lock to be released (now {server_lock_counts(server)})")
     finally:
@@ -644,29 +664,9 @@ def test_a_twin_load_waits_for_a_lost_commit_retrieve_to_be_settled(server, late
         w = Worker(_Via(proxy.url), **{"kvconn.transfer_timeout": 2,
                                        "lmcache.mp.heartbeat_interval": 2})
         try:
-            toks, blocks = _tokens(2 * CHUNK, 17), range(2 * CHUNK // BLOCK)
-            w.fill(blocks, seed=17)
-            expected = w.blocks_bytes(blocks)
-            w.store(_spec("lost-twin", toks, blocks))
-            assert _lookup(server, "lt-a", toks) == 2 and _lookup(server, "lt-b", toks) == 2
-            dst_a, dst_b = range(32, 64), range(32)
-            w.poison(dst_a)
-            w.poison(dst_b)
-            proxy.arm([Fault("drop_request", at_msg=0, op="COMMIT_RETRIEVE")])
-            done: set[str] = set()
-            if later_step:
-                w.adapter.start_load_kv(KVConnMetadata(loads=[_spec("lt-a", toks, dst_a)]))
-                _wait_for(lambda: done.update(w.adapter.get_finished(set())[1] or ()) or
-                          "lt-a" in done, 20, "the first load to be reported")
-                w.adapter.start_load_kv(KVConnMetadata(loads=[_spec("lt-b", toks, dst_b)]))
-            else:
-                w.adapter.start_load_kv(KVConnMetadata(loads=[_spec("lt-a", toks, dst_a),
-                                                              _spec("lt-b", toks, dst_b)]))
-            _wait_for(lambda: done.update(w.adapter.get_finished(set())[1] or ()) or
-                      done == {"lt-a", "lt-b"}, 20, "both loads to be reported")
-            assert w.adapter.get_block_ids_with_load_errors() == set()
-            for dst in (dst_a, dst_b):
-                w.assert_holds(dst, expected)
+            _twin_loads(w, server, "lost-twin", 17, later_step=later_step,
+                        arm=lambda: proxy.arm([Fault("drop_request", at_msg=0,
+                                                     op="COMMIT_RETRIEVE")]))
             _wait_for(lambda: server_lock_counts(server) == (0, 0), 20,
                       f"every read lock to be released (now {server_lock_counts(server)})")
             log = proxy.heal()
