@@ -77,3 +77,30 @@ def test_unanswered_settle_is_retried_then_left_to_the_ttl():
         for _ in range(3):
             assert unsettled.settle(c, 1, timeout=0.2) == 0
     assert len(unsettled) == 0
+
+
+def test_a_free_before_any_query_releases_the_prefetch_locks(lmcache_server):
+    """The scheduler frees an acknowledged lookup whose QUERY never reached the server (no
+    connection) as a plain miss. That is safe only because LMCache's FREE_LOOKUP_LOCKS hands
+    a finished prefetch's result to the session itself when no QUERY did: checked here on a
+    real server (LOOKUP, its locks taken, FREE with no QUERY: every lock released)."""
+    import time
+
+    from kvconn_plugin.client.protocol import Op
+    from kvconn_plugin.client.transport import wait
+
+    tokens = list(range(300, 300 + 2 * CHUNK))
+    seed_server(lmcache_server.url, MODEL, tokens)
+    with LMCacheClient(lmcache_server.url, control_timeout=10.0) as c:
+        key = CacheKey(model_name=MODEL, world_size=1, worker_id=None, token_ids=tokens,
+                       start=0, end=2 * CHUNK, request_id=f"req-{uuid.uuid4().hex[:8]}")
+        wait(c.lookup_async(key, wait_for_peer=True), Op.LOOKUP, 10.0)
+        deadline = time.monotonic() + 10
+        while server_lock_counts(lmcache_server) == (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.05)  # the prefetch takes its locks in the background
+        assert server_lock_counts(lmcache_server) == (4, 0)
+        time.sleep(0.5)  # let the prefetch finish: a running one keeps its locks
+        c.free_lookup_locks(key)
+        c.end_session(key.request_id)
+        c.ping(None, timeout=10.0)
+        assert server_lock_counts(lmcache_server) == (0, 0)
