@@ -104,3 +104,53 @@ def test_a_free_before_any_query_releases_the_prefetch_locks(lmcache_server):
         c.end_session(key.request_id)
         c.ping(None, timeout=10.0)
         assert server_lock_counts(lmcache_server) == (0, 0)
+
+
+def test_an_end_session_queued_behind_an_unsent_free_waits_for_its_resend(lmcache_server):
+    """Chaos episode 1003 on a real server: FREE_LOOKUP_LOCKS and END_SESSION queued while
+    the server is unreachable; the FREE expires unsent and is kept for a resend; the server
+    comes back before the END expires. The END must not go out first: LMCache drops the
+    lookup result with the session, and the resent FREE would release nothing."""
+    import random
+    import socket
+    import time
+
+    from tests.helpers.fault_proxy import FaultProxy
+
+    def port_outside_ephemeral_range() -> int:
+        # A client retrying connects to a port in the ephemeral range can end up connected
+        # to itself (TCP simultaneous open) and take the port the relay is to bind.
+        for _ in range(100):
+            port = random.randrange(20000, 32000)
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+        pytest.skip("no free port below the ephemeral range")
+
+    tokens = list(range(600, 600 + 2 * CHUNK))
+    seed_server(lmcache_server.url, MODEL, tokens)
+    host, port = lmcache_server.url.removeprefix("tcp://").rsplit(":", 1)
+    relay_port = port_outside_ephemeral_range()
+    with LMCacheClient(lmcache_server.url, control_timeout=10.0) as direct, \
+            LMCacheClient(f"tcp://127.0.0.1:{relay_port}", control_timeout=2.0) as away:
+        key = CacheKey(model_name=MODEL, world_size=1, worker_id=None, token_ids=tokens,
+                       start=0, end=2 * CHUNK, request_id=f"req-{uuid.uuid4().hex[:8]}")
+        assert direct.lookup(key) == 2
+        assert server_lock_counts(lmcache_server) == (4, 0)
+        free = away.free_lookup_locks_async(key)
+        time.sleep(1.0)
+        away.end_session_async(key.request_id)  # queued 1 s after the FREE
+        with pytest.raises(KVConnUnavailable):
+            free.result(timeout=5.0)  # expired unsent: kept for a resend
+        with FaultProxy((host, int(port)), port=relay_port):
+            deadline = time.monotonic() + 5
+            while not away.connected and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.3)  # what was still queued (the END, without the fix) goes out
+            away.resend_unsent_frees()
+            away.ping(None, timeout=5.0)
+            away.ping(None, timeout=5.0)  # the END behind the resent FREE went out too
+        assert server_lock_counts(lmcache_server) == (0, 0)

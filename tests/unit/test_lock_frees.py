@@ -107,3 +107,41 @@ def test_a_free_kept_past_the_window_is_left_to_the_ttl(srv, monkeypatch):
     frees.end_session("a")
     frees.resend()
     assert srv.sent == [("END", "a")]  # the session still ends
+
+
+@pytest.mark.parametrize("outcome", [None, KVConnInFlightLost("lost in flight"),
+                                     KVConnUnavailable("no LMCache server reachable")])
+def test_an_end_session_never_overtakes_a_free_still_queued(outcome):
+    """Episode 1003 of the chaos run: FREE and END_SESSION queued while the server was
+    away; the FREE expired unsent (kept for a resend), the END went out as the server came
+    back, and the resent FREE found no lookup result left to release."""
+    sent: list[tuple[str, str]] = []
+    queued: list[ReplyFuture] = []
+
+    def free(key: CacheKey, tp: int) -> ReplyFuture:
+        sent.append(("FREE", key.request_id))
+        f = ReplyFuture()
+        queued.append(f)
+        return f
+
+    def end(sid: str) -> ReplyFuture:
+        sent.append(("END", sid))
+        f = ReplyFuture()
+        f.set_result(None)
+        return f
+
+    frees = LockFrees(free, end)
+    frees.free(_key("a"), 1)
+    frees.end_session("a")
+    assert sent == [("FREE", "a")]  # the END waits for the FREE's outcome
+    if outcome is None:
+        queued[0].set_result(None)
+    else:
+        queued[0].set_exception(outcome)
+    if isinstance(outcome, KVConnUnavailable) and not isinstance(outcome, KVConnInFlightLost):
+        assert sent == [("FREE", "a")] and frees.pending() == 1
+        frees.resend()
+        assert sent == [("FREE", "a"), ("FREE", "a")]  # still behind the resent FREE
+        queued[1].set_result(None)
+    assert sent[-1] == ("END", "a") and sent.count(("END", "a")) == 1
+    assert frees.pending() == 0 and not frees._open and not frees._ends
