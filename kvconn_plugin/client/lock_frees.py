@@ -67,6 +67,9 @@ class LockFrees:
             # refused before sending: kept unless we are closing
             self._settle(sid, None if isinstance(exc, KVConnClosed) else (key, tp_size, first_try))
             raise
+        except BaseException:
+            self._settle(sid, None)  # never sent; an END behind it must not wait forever
+            raise
         fut.add_done_callback(lambda f: self._settled(f, key, tp_size, first_try))
         return fut
 

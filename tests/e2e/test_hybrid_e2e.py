@@ -17,7 +17,8 @@ from kvconn_plugin.tools.run_engine import run_engine
 from kvconn_plugin.tools.tiny_hybrid import write_tiny_gemma3
 from tests.helpers.connector_config import kv_transfer_config
 
-pytestmark = [pytest.mark.engine, pytest.mark.lmcache_server]
+# slow: about 3 min of engine runs; CI runs it in make test-slow.
+pytestmark = [pytest.mark.engine, pytest.mark.lmcache_server, pytest.mark.slow]
 
 CHUNK = 256
 ARGS = {"dtype": "float32"}

@@ -24,7 +24,10 @@ from kvconn_plugin.tools.run_engine import run_engine
 from kvconn_plugin.tools.tiny_model import PRESETS, write_tiny_llama
 from tests.helpers.connector_config import kv_transfer_config
 
-pytestmark = [pytest.mark.engine, pytest.mark.lmcache_server, pytest.mark.redis]
+# slow: four engine runs and three server starts (about 5 min); make test keeps the fs L2
+# integration test, CI runs this one in make test-slow.
+pytestmark = [pytest.mark.engine, pytest.mark.lmcache_server, pytest.mark.redis,
+              pytest.mark.slow]
 
 CHUNK = 256  # the servers' default chunk size
 SHARED = 3 * CHUNK  # the prefix every prompt shares
