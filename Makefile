@@ -24,7 +24,8 @@ env-033:
 	VENV033=$(VENV033) bash scripts/setup_env_033.sh
 
 # The longest real-engine scenarios (marker "slow": TP=2, PP=2 and MLA chains, two servers
-# under TP=2, the chaos episodes) run in `make test-slow`, which CI runs after `make test`.
+# under TP=2, Redis L2, the hybrid model, the second mixed-implementation geometry, the chaos
+# episodes) run in `make test-slow`, which CI runs after `make test`.
 RUN_032 = $(PY) -m pytest -q tests -m "not slow"
 # The LMCache server comes from the main environment ($(VENV)); the soak is shortened.
 RUN_033 = VLLM_TARGET_DEVICE=cpu KVCONN_TEST_LMCACHE_BIN=$(abspath $(VENV))/bin/lmcache \
