@@ -79,6 +79,9 @@ class SettleQueue:
                 self._settle_one(client, key, instance_id, timeout)
             except KVConnError as exc:
                 rest = [(key, attempts + 1)] if attempts + 1 < MAX_ATTEMPTS else []
+                if not rest:
+                    logger.debug("kvconn: leaving the %s of %s to the server's TTL (%s)",
+                                 self.what, key.request_id, exc)
                 with self._lock:
                     self._keys.extend(rest + mine[i + 1:])
                 raise exc
