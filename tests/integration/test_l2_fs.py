@@ -25,7 +25,9 @@ pytestmark = pytest.mark.lmcache_server
 
 
 def _files(path) -> int:
-    return sum(1 for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+    """Objects the fs tier has finished writing: LMCache 0.5.6 writes ``<key>.tmp`` and
+    renames it to ``<key>.data``; a ``.tmp`` left by ``kill -9`` is not an object."""
+    return sum(1 for p in path.rglob("*.data") if p.is_file()) if path.exists() else 0
 
 
 def test_an_fs_l2_tier_serves_our_objects_after_a_server_restart(lmcache_server_factory,
