@@ -80,8 +80,7 @@ class SettleQueue:
             except KVConnError as exc:
                 rest = [(key, attempts + 1)] if attempts + 1 < MAX_ATTEMPTS else []
                 if not rest:
-                    logger.debug("kvconn: leaving the %s of %s to the server's TTL (%s)",
-                                 self.what, key.request_id, exc)
+                    self._give_up(key, exc)
                 with self._lock:
                     self._keys.extend(rest + mine[i + 1:])
                 raise exc
@@ -108,10 +107,13 @@ class SettleQueue:
                     with self._lock:
                         self._keys.append((key, attempts + 1))
                 else:
-                    logger.debug("kvconn: leaving the %s of %s to the server's TTL (%s)",
-                                 self.what, key.request_id, exc)
+                    self._give_up(key, exc)
                 break  # the server stopped answering: the next heartbeat tries again
         return done
+
+    def _give_up(self, key: CacheKey, exc: KVConnError) -> None:
+        logger.debug("kvconn: leaving the %s of %s to the server's TTL (%s)",
+                     self.what, key.request_id, exc)
 
     def _settle_one(self, client, key: CacheKey, instance_id: int, timeout: float) -> None:
         raise NotImplementedError
