@@ -30,13 +30,17 @@ class Server:
         self.sent: list[tuple[str, str]] = []
         self.outcome: BaseException | None = None
         self.refuse: BaseException | None = None
+        self.hold = False  # leave each FREE's future pending, in ``held``
+        self.held: list[ReplyFuture] = []
 
     def free(self, key: CacheKey, tp: int) -> ReplyFuture:
         if self.refuse is not None:
             raise self.refuse
         self.sent.append(("FREE", key.request_id))
         f = ReplyFuture()
-        if self.outcome is None:
+        if self.hold:
+            self.held.append(f)
+        elif self.outcome is None:
             f.set_result(None)
         else:
             f.set_exception(self.outcome)
@@ -111,26 +115,13 @@ def test_a_free_kept_past_the_window_is_left_to_the_ttl(srv, monkeypatch):
 
 @pytest.mark.parametrize("outcome", [None, KVConnInFlightLost("lost in flight"),
                                      KVConnUnavailable("no LMCache server reachable")])
-def test_an_end_session_never_overtakes_a_free_still_queued(outcome):
+def test_an_end_session_never_overtakes_a_free_still_queued(srv, outcome):
     """Episode 1003 of the chaos run: FREE and END_SESSION queued while the server was
     away; the FREE expired unsent (kept for a resend), the END went out as the server came
     back, and the resent FREE found no lookup result left to release."""
-    sent: list[tuple[str, str]] = []
-    queued: list[ReplyFuture] = []
-
-    def free(key: CacheKey, tp: int) -> ReplyFuture:
-        sent.append(("FREE", key.request_id))
-        f = ReplyFuture()
-        queued.append(f)
-        return f
-
-    def end(sid: str) -> ReplyFuture:
-        sent.append(("END", sid))
-        f = ReplyFuture()
-        f.set_result(None)
-        return f
-
-    frees = LockFrees(free, end)
+    srv.hold = True
+    sent, queued = srv.sent, srv.held
+    frees = LockFrees(srv.free, srv.end)
     frees.free(_key("a"), 1)
     frees.end_session("a")
     assert sent == [("FREE", "a")]  # the END waits for the FREE's outcome
