@@ -8,7 +8,12 @@ holds the model dir, prompts (text or token-id lists), an optional ``kv_transfer
 and engine arguments. The output has per prompt the greedy token ids and text, the prompt's
 token ids, ``num_cached_tokens`` and the time to first token measured around a 1-token
 generation (which runs first, so ``num_cached_tokens`` is what the engine found before this
-prompt ever ran).
+prompt ever ran). With ``timestamps`` the engine keeps vLLM's per-request timestamps, and
+each result splits that first TTFT into ``wait_s`` (queued until first scheduled for a
+forward: connector lookup and asynchronous load included) and ``prefill_s`` (scheduled until
+the first token: the forward, with any synchronous load). With ``time_local_hit`` the same
+prompt is generated once more (1 token) right after: ``local_hit_ttft_s`` is then the TTFT
+of a hit in vLLM's own prefix cache on the same engine, with ``local_hit_tokens``.
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ def run_engine(
     timeout: float = 600,
     log_path: str | Path | None = None,
     single_pass: bool = False,
+    timestamps: bool = False,
+    time_local_hit: bool = False,
 ) -> dict[str, Any]:
     """Run prompts through a fresh engine in a child process; raise on failure.
 
@@ -64,6 +71,8 @@ def run_engine(
         "max_tokens": max_tokens,
         "engine_args": engine_args or {},
         "single_pass": single_pass,
+        "timestamps": timestamps,
+        "time_local_hit": time_local_hit,
     }
     with tempfile.TemporaryDirectory(prefix="kvconn-engine-") as tmp:
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
@@ -95,6 +104,8 @@ def _child(spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     args = {"model": spec["model"], "dtype": "bfloat16", "max_model_len": 4096,
             "enforce_eager": True, "seed": 0, "max_num_seqs": 8}
+    if spec.get("timestamps"):
+        args["disable_log_stats"] = False  # vLLM records request timestamps only then
     args.update(spec["engine_args"])
     if spec["kv_transfer_config"] is not None:
         from vllm.config import KVTransferConfig
@@ -112,10 +123,20 @@ def _child(spec_path: str, out_path: str) -> None:
         first = llm.generate([prompt], full if spec.get("single_pass") else one,
                              use_tqdm=False)[0]
         ttft = time.perf_counter() - t
+        row: dict[str, Any] = {"ttft_s": ttft}
+        m = first.metrics if spec.get("timestamps") else None
+        if m is not None and getattr(m, "scheduled_ts", 0) and getattr(m, "first_token_ts", 0):
+            row["wait_s"] = m.scheduled_ts - m.queued_ts
+            row["prefill_s"] = m.first_token_ts - m.scheduled_ts
+        if spec.get("time_local_hit"):
+            t = time.perf_counter()
+            again = llm.generate([prompt], one, use_tqdm=False)[0]
+            row["local_hit_ttft_s"] = time.perf_counter() - t
+            row["local_hit_tokens"] = int(again.num_cached_tokens or 0)
         out = first if spec.get("single_pass") else llm.generate([prompt], full,
                                                                   use_tqdm=False)[0]
         results.append({
-            "ttft_s": ttft,
+            **row,
             "num_cached_tokens": int(first.num_cached_tokens or 0),
             "prompt_token_ids": list(first.prompt_token_ids or []),
             "token_ids": list(out.outputs[0].token_ids),
