@@ -3,6 +3,7 @@ counters, the output comparison against the no-connector run, and the text repor
 
 from __future__ import annotations
 
+import statistics
 import urllib.request
 from collections.abc import Sequence
 
@@ -109,11 +110,8 @@ RATIO_KEYS = ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "output_tokens_per_s")
 
 
 def _median(values: Sequence[float | None]) -> float | None:
-    kept = sorted(v for v in values if v is not None)
-    if not kept:
-        return None
-    mid = len(kept) // 2
-    return kept[mid] if len(kept) % 2 else (kept[mid - 1] + kept[mid]) / 2
+    kept = [v for v in values if v is not None]
+    return statistics.median(kept) if kept else None
 
 
 def median_summary(summaries: Sequence[dict]) -> dict:

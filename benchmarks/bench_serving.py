@@ -28,7 +28,7 @@ differing request and exits 1.
 Full mode (the default): ``bench`` preset in float32 (8 layers, hidden 1024, 8 KV heads x
 64, 32 KiB of KV per token), 8 users x 4 rounds, system 256 + document 1024 tokens,
 32-token questions and answers, concurrency 4, vLLM KV cache ~30 % of all contexts. On the
-2-core dev box, otherwise idle (2026-12-06): 1175 s with ``--repeats 3`` (about 390 s per
+2-core dev box, otherwise idle (2026-12-06): 1175 and 1278 s with ``--repeats 3`` (~400 s per
 round of none, native's refused start, lmcache and ours; ``none`` takes half of it). Under
 load from other engines it is several times slower. Shrink it with ``--users``/``--doc-len``
 (``--dtype bfloat16`` is faster on CPUs with AVX-512 but may break the exact output
