@@ -66,7 +66,7 @@ def _median(result: dict, key: str, skip: int = 0) -> float | None:
     return statistics.median(values) if values else None
 
 
-def _median_ttft(result: dict, skip: int = 0) -> float:
+def _median_ttft(result: dict, skip: int = 0) -> float | None:
     return _median(result, "ttft_s", skip)
 
 
@@ -97,9 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or ("benchmarks/results/bench_e2e.txt" if args.tp == 1
                        else f"benchmarks/results/bench_e2e_tp{args.tp}.txt")
     # TP=2 on vLLM CPU: ranks bound by hand (its automatic binding needs NUMA nodes).
-    engine_args = ({"dtype": args.dtype} if args.tp == 1 else
-                   {"dtype": args.dtype, "tensor_parallel_size": args.tp,
-                    "distributed_executor_backend": "mp"})
+    engine_args = {"dtype": args.dtype, **({} if args.tp == 1 else
+                   {"tensor_parallel_size": args.tp, "distributed_executor_backend": "mp"})}
     timed = {"timestamps": True, "time_local_hit": True}
     env = {} if args.tp == 1 else {"VLLM_CPU_OMP_THREADS_BIND": "0|1"}
     t_start = time.time()
@@ -159,9 +158,12 @@ def main(argv: list[str] | None = None) -> int:
             floors[impl] = _median(pooled, "local_hit_ttft_s")
             over = statistics.median(r["ttft_s"] - r["local_hit_ttft_s"]
                                      for r in pooled["results"])
+            # The floor only means something if it reused as many tokens as the hit did.
+            local_tokens = min(r["local_hit_tokens"] for r in pooled["results"])
             rows.append(("  local hit, same engines",
                          f"{floors[impl] * 1e3:9.1f} {'':17}   "
-                         f"{floors[impl] / recompute:.2f}x   (hit - local: {over * 1e3:.1f} ms)"))
+                         f"{floors[impl] / recompute:.2f}x   (hit - local: {over * 1e3:.1f} ms, "
+                         f"min local hit tokens {local_tokens})"))
     lines = [
         f"bench_e2e: preset {args.preset} {args.dtype}, TP={args.tp}, {args.prompts} timed "
         f"prompts after {args.warmup} "

@@ -133,8 +133,12 @@ def _child(spec_path: str, out_path: str) -> None:
             again = llm.generate([prompt], one, use_tqdm=False)[0]
             row["local_hit_ttft_s"] = time.perf_counter() - t
             row["local_hit_tokens"] = int(again.num_cached_tokens or 0)
-        out = first if spec.get("single_pass") else llm.generate([prompt], full,
-                                                                  use_tqdm=False)[0]
+        if spec.get("single_pass"):
+            out = first
+        elif spec.get("time_local_hit") and spec["max_tokens"] == 1:
+            out = again  # already the full (1-token) generation, from the same cache state
+        else:
+            out = llm.generate([prompt], full, use_tqdm=False)[0]
         results.append({
             **row,
             "num_cached_tokens": int(first.num_cached_tokens or 0),
