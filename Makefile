@@ -8,6 +8,7 @@ PY033 := $(VENV033)/bin/python
 TESTS_033 := tests/unit tests/integration/test_scheduler_adapter.py \
 	tests/integration/test_soak.py tests/integration/test_offloading_route.py \
 	tests/integration/test_sleep_and_reset.py tests/integration/test_spec_decode_stores.py \
+	tests/integration/test_local_hits.py \
 	tests/integration/test_doctor.py::test_doctor_reports_a_kv_format_the_connector_cannot_move
 export LMCACHE_TRACK_USAGE := false
 export DO_NOT_TRACK := 1
@@ -61,6 +62,7 @@ bench: env
 	$(PY) benchmarks/bench_load.py
 	$(PY) benchmarks/bench_lookup_flood.py
 	$(PY) benchmarks/bench_e2e.py
+	$(PY) benchmarks/bench_l2.py
 
 clean:
 	rm -rf build dist *.egg-info kvconn_plugin/lib kvconn_plugin/_build_info.py

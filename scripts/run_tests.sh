@@ -18,6 +18,7 @@ PYTEST=(-m pytest -q -p no:cacheprovider)
 TESTS_033=(tests/unit tests/integration/test_scheduler_adapter.py
   tests/integration/test_soak.py tests/integration/test_offloading_route.py
   tests/integration/test_sleep_and_reset.py tests/integration/test_spec_decode_stores.py
+  tests/integration/test_local_hits.py
   tests/integration/test_doctor.py::test_doctor_reports_a_kv_format_the_connector_cannot_move)
 
 "$PY" -m tests.helpers.shm_check snapshot "$LOGS/shm-before.json"

@@ -206,6 +206,11 @@ class SchedulerAdapter:
         if was_in_flight and not tr.in_flight:
             self._record_lookup(tr)
         if tr.in_flight:
+            if num_computed_tokens >= tr.lookup_end:
+                # vLLM's own cache already holds every chunk this lookup can report, so its
+                # answer cannot change ours: answer now instead of holding the request for
+                # a step. The lookup goes on; _plan_store and _settle use its answer.
+                return 0, False
             if tr.timed_out(time.monotonic(), self.config.lookup_timeout):
                 self.stats.record("lookup_timeouts")
                 return 0, False
@@ -284,6 +289,21 @@ class SchedulerAdapter:
         self.stats.record("hit_tokens", num_external_tokens)
         self._release_locks(tr)
 
+    def _lookup_settles_store(self, tr: RequestTracker, end: int) -> bool:
+        """A request answered without waiting for its lookup (vLLM's own cache held the
+        prefix) stores nothing the lookup may report as held until it lands: storing it
+        again would only copy it once more. True while it is worth waiting for."""
+        tr.advance(self.client.query_prefetch_status_async)
+        if tr.in_flight:
+            # Only chunks inside the lookup's range wait (a chunk past it is stored now, as
+            # the request may finish this step), and never past the lookup timeout.
+            return end <= tr.lookup_end and not tr.timed_out(
+                time.monotonic(), self.config.lookup_timeout)
+        if tr.state is LookupState.DONE and tr.hit_chunks and not tr.load_failed:
+            tr.stored_end = max(tr.stored_end, tr.hit_end(self.chunk_size or 1))
+        self._release_locks(tr)
+        return False
+
     def _release_locks(self, tr: RequestTracker) -> None:
         """Free the read locks this request's lookup took and will not consume, exactly once."""
         if tr.locks_settled or tr.load_from is None:
@@ -347,6 +367,9 @@ class SchedulerAdapter:
         req = tr.request
         computed_after = min(req.num_computed_tokens + num_scheduled, req.num_tokens)
         end = computed_after // chunk * chunk
+        if tr.in_flight and self._lookup_settles_store(tr, end):
+            tr.store_countdown = 0  # plan again next step, with the lookup's answer
+            return None
         cap = self.controls.store_cap(req, chunk)
         if cap is not None and end >= cap:
             end = cap
