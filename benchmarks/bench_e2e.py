@@ -77,16 +77,21 @@ def _split(result: dict, skip: int) -> str:
     return f"{wait * 1e3:8.1f} {prefill * 1e3:8.1f}"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_prompt_args(ap: argparse.ArgumentParser) -> None:
+    """The model and prompts of the benchmarks that time engines (``bench_l2.py`` too)."""
     ap.add_argument("--preset", default="bench", choices=sorted(PRESETS))
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--prefix", type=int, default=1024)
-    ap.add_argument("--repeats", type=int, default=1,
-                    help="fresh engines #2 per connector, interleaved; figures pool them")
     ap.add_argument("--warmup", type=int, default=1,
                     help="untimed prompts each engine serves first (0: time the cold start)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_prompt_args(ap)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="fresh engines #2 per connector, interleaved; figures pool them")
     ap.add_argument("--tp", type=int, default=1, choices=(1, 2),
                     help="tensor parallel size (2: vLLM's mp executor, one core per rank)")
     ap.add_argument("--lookup-timeout", type=float, default=None,

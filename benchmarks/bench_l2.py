@@ -33,7 +33,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _report import save  # sibling module (benchmarks run as scripts)
+# Sibling modules (benchmarks run as scripts).
+from bench_e2e import add_prompt_args
+
+from _report import save
 from kvconn_plugin.demo import make_prompts
 from kvconn_plugin.tools.run_engine import run_engine
 from kvconn_plugin.tools.tiny_model import PRESETS, write_tiny_llama
@@ -72,14 +75,9 @@ def _l2_chunks(log: Path, since: int) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="bench", choices=sorted(PRESETS))
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    ap.add_argument("--prompts", type=int, default=4)
-    ap.add_argument("--prefix", type=int, default=1024)
+    add_prompt_args(ap)
     ap.add_argument("--repeats", type=int, default=2,
                     help="L1-hit and L2-hit engines each (a new server 2 per L2 engine)")
-    ap.add_argument("--warmup", type=int, default=1,
-                    help="untimed prompts each engine serves first")
     ap.add_argument("--out", default="benchmarks/results/bench_l2.txt")
     args = ap.parse_args(argv)
     binary = redis_server_binary()
