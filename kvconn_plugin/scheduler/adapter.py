@@ -240,11 +240,9 @@ class SchedulerAdapter:
         if tr is None or tr.load_from is not None:
             return  # second call after an async load completes, or unknown request
         if num_external_tokens <= 0 or tr.state is not LookupState.DONE:
-            if tr.state is LookupState.DONE and tr.hit_chunks and not tr.load_failed:
-                # vLLM's own cache covered the hit, but the server holds those chunks (maybe
-                # only in L2): storing them again would only copy them back up.
-                hit_end = tr.hit_end(self.chunk_size or 1)
-                tr.stored_end = max(tr.stored_end, hit_end)
+            # vLLM's own cache covered the hit, but the server holds those chunks (maybe
+            # only in L2): storing them again would only copy them back up.
+            self._count_held_as_stored(tr)
             tr.load_from = -1
             self._release_locks(tr)
             return
@@ -299,10 +297,14 @@ class SchedulerAdapter:
             # the request may finish this step), and never past the lookup timeout.
             return end <= tr.lookup_end and not tr.timed_out(
                 time.monotonic(), self.config.lookup_timeout)
-        if tr.state is LookupState.DONE and tr.hit_chunks and not tr.load_failed:
-            tr.stored_end = max(tr.stored_end, tr.hit_end(self.chunk_size or 1))
+        self._count_held_as_stored(tr)
         self._release_locks(tr)
         return False
+
+    def _count_held_as_stored(self, tr: RequestTracker) -> None:
+        """What a finished lookup found on the server needs no store from this request."""
+        if tr.state is LookupState.DONE and tr.hit_chunks and not tr.load_failed:
+            tr.stored_end = max(tr.stored_end, tr.hit_end(self.chunk_size or 1))
 
     def _release_locks(self, tr: RequestTracker) -> None:
         """Free the read locks this request's lookup took and will not consume, exactly once."""
