@@ -53,6 +53,7 @@ def run_engine(
     single_pass: bool = False,
     timestamps: bool = False,
     time_local_hit: bool = False,
+    in_process: bool = False,
 ) -> dict[str, Any]:
     """Run prompts through a fresh engine in a child process; raise on failure.
 
@@ -61,15 +62,27 @@ def run_engine(
     generation). Needed where vLLM's own prefix cache is off (MLA on CPU): the 1-token
     run would otherwise make the second one a hit.
 
+    ``in_process``: the engine core and its one worker run in the child itself (vLLM's
+    in-process client and its single-process executor, which vLLM CPU allows only without
+    V1 multiprocessing) instead of two more spawned processes that each import torch and
+    vLLM again: about half an engine's start-up here. Both connector halves then share one
+    process, so it suits what the tests check of the cache's contents and tokens, not of
+    the engine's process layout or of transfers crossing it; TP=1 and PP=1 only.
+
     The whole process group is stopped afterwards (also on a timeout), so no EngineCore,
     worker or /dev/shm queue outlives the call.
     """
+    layout = engine_args or {}
+    if in_process and (layout.get("tensor_parallel_size", 1) != 1
+                       or layout.get("pipeline_parallel_size", 1) != 1):
+        raise ValueError("in_process runs one rank only (TP=1, PP=1)")
     spec = {
         "model": str(model_dir),
         "prompts": [p if isinstance(p, str) else list(p) for p in prompts],
         "kv_transfer_config": kv_transfer_config,
         "max_tokens": max_tokens,
-        "engine_args": engine_args or {},
+        "engine_args": {**(engine_args or {}),
+                        **({"distributed_executor_backend": "uni"} if in_process else {})},
         "single_pass": single_pass,
         "timestamps": timestamps,
         "time_local_hit": time_local_hit,
@@ -78,6 +91,12 @@ def run_engine(
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_path.write_text(json.dumps(spec))
         child_env = {**os.environ, **DEFAULT_ENV, **(env or {})}
+        if in_process:
+            child_env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+            # vLLM binds its spawned worker to one core's thread; without that worker, torch
+            # would take every core. One thread keeps the arithmetic (and so the greedy
+            # tokens) the same as in the usual layout, and leaves the other cores alone.
+            child_env.setdefault("OMP_NUM_THREADS", "1")
         with contextlib.ExitStack() as stack:
             log = stack.enter_context(open(log_path, "ab")) if log_path else subprocess.DEVNULL
             proc = subprocess.Popen(

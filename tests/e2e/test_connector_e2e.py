@@ -42,7 +42,7 @@ def test_fresh_engine_hits_and_matches_baseline(tiny_model, lmcache_server_facto
     server = lmcache_server_factory()
     prompts = _prompts(seed=1)
     log = tmp_path / "engines.log"
-    base = run_engine(tiny_model, prompts, log_path=log)
+    base = run_engine(tiny_model, prompts, log_path=log, in_process=True)  # no connector
     kvt = kv_transfer_config(server.url)
     e1 = run_engine(tiny_model, prompts, kv_transfer_config=kvt, log_path=log)
     e2 = run_engine(tiny_model, prompts, kv_transfer_config=kvt, log_path=log)
@@ -56,12 +56,14 @@ def test_fresh_engine_hits_and_matches_baseline(tiny_model, lmcache_server_facto
 
 
 def test_model_namespace_isolates_engines(tiny_model, lmcache_server_factory, tmp_path):
+    # Keys, not processes, are under test: one-process engines start faster.
     server = lmcache_server_factory()
     prompts = _prompts(n=1, seed=2)
     run_engine(tiny_model, prompts, kv_transfer_config=kv_transfer_config(server.url),
-               log_path=tmp_path / "l")
+               log_path=tmp_path / "l", in_process=True)
     tenant_b = kv_transfer_config(server.url, **{"kvconn.model_name": "tenant-b"})
-    other = run_engine(tiny_model, prompts, kv_transfer_config=tenant_b, log_path=tmp_path / "l")
+    other = run_engine(tiny_model, prompts, kv_transfer_config=tenant_b, log_path=tmp_path / "l",
+                       in_process=True)
     assert other["results"][0]["num_cached_tokens"] == 0
 
 

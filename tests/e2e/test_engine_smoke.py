@@ -44,12 +44,17 @@ def tokenize(model_dir: Path, text: str) -> list[int]:
 @pytest.fixture(scope="module")
 def two_runs(model_dir):
     # The long prompt is repeated so the engine also exercises its local prefix cache; the
-    # last prompt is the first one as token ids.
+    # last prompt is the first one as token ids. The second engine runs in one process
+    # (in_process): tests that compare such engines with the usual layout rely on both
+    # giving the same tokens.
     prompts = [*PROMPTS, PROMPTS[1], tokenize(model_dir, PROMPTS[0])]
-    return [run_engine(model_dir, prompts, max_tokens=12)["results"] for _ in range(2)]
+    return [run_engine(model_dir, prompts, max_tokens=12, in_process=one)["results"]
+            for one in (False, True)]
 
 
 def test_greedy_output_is_deterministic_across_engines(two_runs):
+    """Two fresh engines, one in vLLM's usual processes and one in a single process, give
+    the same greedy tokens."""
     first, second = two_runs
     assert [r["token_ids"] for r in first] == [r["token_ids"] for r in second]
     for r in first:

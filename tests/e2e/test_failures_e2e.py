@@ -99,8 +99,12 @@ def _phased_run(tmp_path: Path, server, seed: int, after_phase1, after_phase2,
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     (tmp_path / "child.py").write_text(CHILD)
     # float32 on both sides: bf16 near-ties would compare vLLM's batching, not the cache.
+    # The baseline has no connector, so its process layout does not matter: one process
+    # where it has one rank (a third of the start-up; the same single-thread arithmetic).
+    one_rank = engine_args.get("tensor_parallel_size", 1) == 1
     baseline = run_engine(model, a + b + c, max_tokens=8, log_path=tmp_path / "base.log",
-                          engine_args={"dtype": "float32", **engine_args}, env=env)
+                          engine_args={"dtype": "float32", **engine_args}, env=env,
+                          in_process=one_rank)
     with open(tmp_path / "child.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, str(tmp_path / "child.py"),
                                  str(tmp_path / "spec.json")],
@@ -272,7 +276,7 @@ def test_kill_9_during_a_request_stream_never_stalls_the_engine(lmcache_server_f
     (tmp_path / "child.py").write_text(STREAM_CHILD)
     # float32 on both sides: bf16 near-ties would compare vLLM's batching, not the cache.
     baseline = run_engine(model, stream, max_tokens=8, log_path=tmp_path / "base.log",
-                          engine_args={"dtype": "float32"})
+                          engine_args={"dtype": "float32"}, in_process=True)  # no connector
     with open(tmp_path / "child.log", "wb") as log:
         proc = subprocess.Popen([sys.executable, str(tmp_path / "child.py"),
                                  str(tmp_path / "spec.json")],

@@ -67,16 +67,20 @@ class Chain:
     """Fresh engines of one model and layout, one after the other, on one server."""
 
     def __init__(self, model: Path, server, log: Path, engine_args: dict, env: dict,
-                 single_pass: bool = False, **connector: object):
+                 single_pass: bool = False, in_process: bool = False, **connector: object):
         self.model, self.server, self.log = model, server, log
         self.engine_args = {"dtype": "float32", **engine_args}
         self.env, self.single_pass, self.connector = env, single_pass, connector
+        self.in_process = in_process
 
     def run(self, prompts, impl: str | None) -> list[dict]:
         kvt = None if impl is None else _kvt(self.server, impl, **self.connector)
         out = run_engine(self.model, prompts, kv_transfer_config=kvt, log_path=self.log,
                          timeout=ENGINE_TIMEOUT, engine_args=self.engine_args, env=self.env,
-                         single_pass=self.single_pass)
+                         single_pass=self.single_pass,
+                         # LMCache's connector cannot run in a one-process vLLM CPU engine
+                         # (see test_mixed_impl_e2e): it keeps the usual processes.
+                         in_process=self.in_process and impl != "lmcache")
         # For the record (-s): what a hit costs here, next to the no-connector run.
         print(f"{impl or 'none'}: engine start {out['engine_start_s']:.0f}s, TTFT ms "
               f"{[round(r['ttft_s'] * 1000) for r in out['results']]}, cached "
@@ -137,10 +141,11 @@ def test_tp2_fresh_engines_hit_each_others_objects(lmcache_server_factory, tmp_p
 
 
 def test_mla_fresh_engines_hit_each_others_objects(lmcache_server_factory, tmp_path):
-    """MLA: one latent plane per token (vLLM CPU's MLA path, block size 16)."""
+    """MLA: one latent plane per token (vLLM CPU's MLA path, block size 16). One rank, so
+    each engine runs in one process (the objects are under test, not the layout)."""
     model = write_tiny_deepseek_v2(tmp_path / "mla")
     chain = Chain(model, lmcache_server_factory(), tmp_path / "engines.log",
-                  {"block_size": 16}, {}, single_pass=True)
+                  {"block_size": 16}, {}, single_pass=True, in_process=True)
     _run_chain(chain, ["builtin", "builtin", "lmcache", "builtin"], exact=False)
 
 
