@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `make test`: the suite on vLLM 0.32 (all but marker "slow") and the vLLM 0.33 job, as two
 # streams side by side. One stream runs the real-engine tests one at a time (an engine takes
-# the cores); the other runs everything without an engine (mostly waiting on LMCache servers
-# and sockets), then sets up and runs the vLLM 0.33 job. Any failure fails the run.
+# the cores), then the soak; the other runs everything else without an engine (mostly waiting
+# on LMCache servers and sockets), then sets up and runs the vLLM 0.33 job. Any failure fails
+# the run.
 #
 # Per-test /dev/shm checks cannot tell two concurrent pytest processes' generic segments
 # apart (KVCONN_TEST_PARALLEL_STREAMS); a check over the whole run covers them instead.
@@ -21,6 +22,10 @@ TESTS_033=(tests/unit tests/integration/test_scheduler_adapter.py
   tests/integration/test_local_hits.py
   tests/integration/test_doctor.py::test_doctor_reports_a_kv_format_the_connector_cannot_move)
 
+# The 10,000-request soak (about 2 min of one core) runs in the engine stream, after the
+# engines: with engines starting in one process where they can, that stream finished first.
+SOAK=tests/integration/test_soak.py::test_soak_10k_requests_no_leaks
+
 "$PY" -m tests.helpers.shm_check snapshot "$LOGS/shm-before.json"
 t0=$(date +%s)
 
@@ -28,7 +33,7 @@ no_engine() {
   local rc=0
   echo "== vLLM 0.32, no engine: pytest tests -m 'not slow and not engine'"
   "$PY" "${PYTEST[@]}" --basetemp=/tmp/kvconn-tests-no-engine tests \
-    -m "not slow and not engine" || rc=1
+    -m "not slow and not engine" --deselect "$SOAK" || rc=1
   echo "== vLLM 0.33 set-up"
   if VENV033="$VENV033" bash scripts/setup_env_033.sh; then
     # The LMCache server comes from the main environment; the soak is shortened.
@@ -53,6 +58,8 @@ echo "== vLLM 0.32, real engines: pytest tests -m 'engine and not slow'" \
   "(the no-engine stream and the vLLM 0.33 job run meanwhile: $LOGS/no-engine.log)"
 "$PY" "${PYTEST[@]}" --basetemp=/tmp/kvconn-tests-engine tests -m "engine and not slow"
 rc_engine=$?
+echo "== vLLM 0.32, the soak: pytest $SOAK"
+"$PY" "${PYTEST[@]}" --basetemp=/tmp/kvconn-tests-soak "$SOAK" || rc_engine=1
 echo "== engine stream done after $(( $(date +%s) - t0 )) s (rc=$rc_engine)"
 wait $other
 rc_other=$?
