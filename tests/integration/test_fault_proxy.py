@@ -257,10 +257,17 @@ def test_hook_kills_the_server_with_a_call_in_flight_and_proxy_follows_restart(
     with FaultProxy(_upstream(server)) as p, LMCacheClient(p.url) as c:
         assert c.ping(None) is True
         pid = server.process.pid
-        p.arm([Fault("hook", at_msg=0, op="PING", label="kill -9",
+        # Killed before the proxy passes the PING on (after=False): killed just after it, a
+        # server could still answer it while the proxy's thread waits for a core (seen on a
+        # loaded 2-core CI box). Either way the client has sent the call and gets no reply.
+        p.arm([Fault("hook", at_msg=0, op="PING", label="kill -9", after=False,
                      action=lambda: os.killpg(pid, signal.SIGKILL))])
-        with pytest.raises((KVConnInFlightLost, KVConnTimeout)):
+        try:
             c.ping(None, timeout=10)
+        except (KVConnInFlightLost, KVConnTimeout):
+            pass
+        else:
+            pytest.fail(f"the ping was answered; proxy log: {p.snapshot_log()}")
         server.kill()  # reap and unlink the pool
         _wait(lambda: _events(p.snapshot_log(), "upstream_unavailable"), 10,
               "reconnects refused while the server is down")
