@@ -81,7 +81,7 @@ def run_engine(
         "prompts": [p if isinstance(p, str) else list(p) for p in prompts],
         "kv_transfer_config": kv_transfer_config,
         "max_tokens": max_tokens,
-        "engine_args": {**(engine_args or {}),
+        "engine_args": {**layout,
                         **({"distributed_executor_backend": "uni"} if in_process else {})},
         "single_pass": single_pass,
         "timestamps": timestamps,
